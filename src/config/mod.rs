@@ -1,0 +1,1 @@
+mod error; pub use error::ConfigError;

@@ -1,0 +1,226 @@
+//! The vocabulary of a check: what comes in ([`Request`]), what goes out ([`Decision`]),
+//! and the one enum of deny reasons ([`DenyReason`]) used for the response body, the
+//! log line and the metric label. No tonic types here: the gRPC layer converts.
+
+use std::borrow::Cow;
+use std::collections::HashMap;
+use std::sync::Arc;
+
+/// The value of a request header, as far as a decision cares.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum HeaderValue<'a> {
+    Absent,
+    One(&'a str),
+    /// Sent more than once. Envoy's `headers` map joins repeats with a comma, so a
+    /// header source cannot always tell; token extraction also treats a comma as a repeat.
+    Repeated,
+}
+
+impl<'a> HeaderValue<'a> {
+    pub fn one(self) -> Option<&'a str> {
+        match self {
+            HeaderValue::One(v) => Some(v),
+            _ => None,
+        }
+    }
+}
+
+/// Request headers, looked up by lower-case name (HTTP/2 and Envoy lower-case them).
+pub trait Headers {
+    fn get(&self, name: &str) -> HeaderValue<'_>;
+}
+
+impl Headers for HashMap<String, String> {
+    fn get(&self, name: &str) -> HeaderValue<'_> {
+        match HashMap::get(self, name) {
+            Some(v) => HeaderValue::One(v),
+            None => HeaderValue::Absent,
+        }
+    }
+}
+
+/// Headers as an ordered list of pairs (Envoy's raw `header_map`, tests, `explain`).
+/// Names are compared ASCII case-insensitively; a name present twice is `Repeated`.
+impl Headers for [(String, String)] {
+    fn get(&self, name: &str) -> HeaderValue<'_> {
+        let mut found = HeaderValue::Absent;
+        for (k, v) in self {
+            if k.eq_ignore_ascii_case(name) {
+                if found != HeaderValue::Absent {
+                    return HeaderValue::Repeated;
+                }
+                found = HeaderValue::One(v);
+            }
+        }
+        found
+    }
+}
+
+impl Headers for Vec<(String, String)> {
+    fn get(&self, name: &str) -> HeaderValue<'_> {
+        Headers::get(self.as_slice(), name)
+    }
+}
+
+/// One HTTP request to decide on, borrowed from whatever carried it.
+#[derive(Clone, Copy)]
+pub struct Request<'a> {
+    /// HTTP method, upper case as sent (`GET`, `POST`).
+    pub method: &'a str,
+    /// The request target as Envoy saw it: path, possibly with a query string.
+    pub path: &'a str,
+    pub headers: &'a dyn Headers,
+}
+
+/// Why a request was denied: one stable snake_case word each.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum DenyReason {
+    /// The path is not well formed (encoded slash, NUL, not absolute, `..` above the root).
+    BadPath,
+    NoRoute,
+    MissingToken,
+    MalformedToken,
+    UnsupportedAlgorithm,
+    UnknownIssuer,
+    KeysUnavailable,
+    UnknownKey,
+    BadSignature,
+    Expired,
+    NotYetValid,
+    WrongAudience,
+    HeaderMismatch,
+    InsufficientScope,
+    BadUnitPrimitive,
+    VersionTooOld,
+}
+
+impl DenyReason {
+    pub const ALL: [DenyReason; 16] = [
+        DenyReason::BadPath,
+        DenyReason::NoRoute,
+        DenyReason::MissingToken,
+        DenyReason::MalformedToken,
+        DenyReason::UnsupportedAlgorithm,
+        DenyReason::UnknownIssuer,
+        DenyReason::KeysUnavailable,
+        DenyReason::UnknownKey,
+        DenyReason::BadSignature,
+        DenyReason::Expired,
+        DenyReason::NotYetValid,
+        DenyReason::WrongAudience,
+        DenyReason::HeaderMismatch,
+        DenyReason::InsufficientScope,
+        DenyReason::BadUnitPrimitive,
+        DenyReason::VersionTooOld,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DenyReason::BadPath => "bad_path",
+            DenyReason::NoRoute => "no_route",
+            DenyReason::MissingToken => "missing_token",
+            DenyReason::MalformedToken => "malformed_token",
+            DenyReason::UnsupportedAlgorithm => "unsupported_algorithm",
+            DenyReason::UnknownIssuer => "unknown_issuer",
+            DenyReason::KeysUnavailable => "keys_unavailable",
+            DenyReason::UnknownKey => "unknown_key",
+            DenyReason::BadSignature => "bad_signature",
+            DenyReason::Expired => "expired",
+            DenyReason::NotYetValid => "not_yet_valid",
+            DenyReason::WrongAudience => "wrong_audience",
+            DenyReason::HeaderMismatch => "header_mismatch",
+            DenyReason::InsufficientScope => "insufficient_scope",
+            DenyReason::BadUnitPrimitive => "bad_unit_primitive",
+            DenyReason::VersionTooOld => "version_too_old",
+        }
+    }
+
+    /// The HTTP status Envoy sends to the client.
+    pub fn http_status(self) -> u16 {
+        match self {
+            DenyReason::BadPath | DenyReason::BadUnitPrimitive => 400,
+            DenyReason::NoRoute | DenyReason::InsufficientScope | DenyReason::VersionTooOld => 403,
+            DenyReason::KeysUnavailable => 503,
+            _ => 401,
+        }
+    }
+
+    /// The `WWW-Authenticate` value (RFC 6750) for 401 and 403, `None` otherwise.
+    /// A request with no token at all gets a challenge without an error code (RFC 6750 §3.1).
+    pub fn www_authenticate(self) -> Option<&'static str> {
+        const PLAIN: &str = r#"Bearer realm="connector-authz""#;
+        const INVALID: &str = r#"Bearer realm="connector-authz", error="invalid_token""#;
+        const SCOPE: &str = r#"Bearer realm="connector-authz", error="insufficient_scope""#;
+        match (self, self.http_status()) {
+            (DenyReason::MissingToken, _) | (DenyReason::NoRoute, _) => Some(PLAIN),
+            (_, 401) => Some(INVALID),
+            (_, 403) => Some(SCOPE),
+            _ => None,
+        }
+    }
+}
+
+impl std::fmt::Display for DenyReason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Who a token says the caller is, once the token has passed every check.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Identity {
+    pub subject: String,
+    /// The configured issuer's canonical name.
+    pub issuer: Arc<str>,
+    pub scopes: Vec<String>,
+    pub jti: Option<String>,
+    /// The unit primitive named by the request's header, on header-routed paths.
+    pub unit_primitive: Option<String>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Allowed {
+    pub backend: Arc<str>,
+    /// `None` on a public route: no token was needed or checked.
+    pub identity: Option<Identity>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Denied {
+    pub reason: DenyReason,
+    /// One sentence for the client; never contains the token.
+    pub message: Cow<'static, str>,
+    /// The backend whose route matched, if one did.
+    pub backend: Option<Arc<str>>,
+    /// Set with [`DenyReason::UnknownKey`]: the issuer whose keys should be refreshed
+    /// before deciding once more.
+    pub refresh_issuer: Option<Arc<str>>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Decision {
+    Allow(Allowed),
+    Deny(Denied),
+}
+
+impl Decision {
+    pub fn deny(reason: DenyReason, message: impl Into<Cow<'static, str>>) -> Self {
+        Decision::Deny(Denied {
+            reason,
+            message: message.into(),
+            backend: None,
+            refresh_issuer: None,
+        })
+    }
+
+    pub fn reason(&self) -> Option<DenyReason> {
+        match self {
+            Decision::Allow(_) => None,
+            Decision::Deny(d) => Some(d.reason),
+        }
+    }
+
+    pub fn is_allow(&self) -> bool {
+        matches!(self, Decision::Allow(_))
+    }
+}
