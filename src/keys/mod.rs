@@ -107,3 +107,14 @@ impl KeySnapshot {
 pub fn canonical_issuer(iss: &str) -> &str {
     iss.strip_suffix('/').unwrap_or(iss)
 }
+
+/// Asks for one refresh of an issuer's keys because a token named a `kid` that the
+/// snapshot does not hold. Implementations share one fetch among all callers waiting
+/// for the same issuer (single flight) and rate-limit it; the future resolves when that
+/// refresh has finished (or was skipped), after which the caller loads the snapshot again.
+pub trait KeyRefresher: Send + Sync {
+    fn refresh_unknown_kid(
+        &self,
+        issuer: &str,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send + 'static>>;
+}
