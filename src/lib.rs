@@ -7,3 +7,7 @@ pub mod config;
 pub mod decide;
 pub mod decision;
 pub mod keys;
+pub mod registry;
+pub mod route;
+pub mod token;
+pub mod verify;

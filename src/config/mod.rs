@@ -1,1 +1,502 @@
-mod error; pub use error::ConfigError;
+//! The configuration file (YAML, see DESIGN.md) → a validated, compiled [`Config`].
+//!
+//! Everything that can be wrong with a configuration is found here, once, at load time,
+//! and reported with the file, the line and what to do. What requests use afterwards
+//! (the [`RouteTable`], the issuer index) cannot fail a lookup.
+
+mod error;
+mod raw;
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use jsonwebtoken::Algorithm;
+
+pub use error::ConfigError;
+
+use crate::keys::canonical_issuer;
+use crate::registry::Registry;
+use crate::route::{Access, Methods, Pattern, Route, RouteTable, normalize_path};
+use raw::{RawBackend, RawConfig, RawIssuer, RawRoute, Spanned};
+
+/// The largest configuration file accepted; a sidecar's config is a few kilobytes.
+pub const MAX_CONFIG_BYTES: usize = 1024 * 1024;
+/// The most routes one configuration may declare.
+pub const MAX_ROUTES: usize = 10_000;
+
+pub const DEFAULT_GRPC_LISTEN: &str = "127.0.0.1:9191";
+pub const DEFAULT_ADMIN_LISTEN: &str = "127.0.0.1:9192";
+
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// The file this was loaded from (for messages and reloads).
+    pub source: PathBuf,
+    pub listen: Listen,
+    pub issuers: Vec<Issuer>,
+    pub keys: KeySettings,
+    pub tokens: TokenSettings,
+    pub backends: Vec<Backend>,
+    pub routes: RouteTable,
+    pub registry: Option<Arc<Registry>>,
+    pub enforce_min_version: bool,
+    issuer_index: HashMap<Arc<str>, usize>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Listen {
+    pub grpc: SocketAddr,
+    pub admin: SocketAddr,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Issuer {
+    /// The canonical name: the configured `url` without a trailing slash. Tokens'
+    /// `iss` and discovery documents' `issuer` are compared with it the same way.
+    pub name: Arc<str>,
+    /// The `url` as written.
+    pub url: String,
+    pub keys_from: KeysFrom,
+}
+
+/// Where an issuer's keys come from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum KeysFrom {
+    /// `{url}/.well-known/openid-configuration` → `jwks_uri` → key set.
+    Discovery,
+    /// A `jwks_uri` given in the configuration: discovery is skipped.
+    JwksUri(String),
+    /// A key set file, read at start (and on reload); no network.
+    JwksFile(PathBuf),
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct KeySettings {
+    pub refresh_interval: Duration,
+    pub min_refresh_interval: Duration,
+    pub fetch_timeout: Duration,
+    pub cache_dir: Option<PathBuf>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TokenSettings {
+    pub algorithms: Vec<Algorithm>,
+    pub leeway: Duration,
+    pub max_bytes: usize,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Backend {
+    pub name: Arc<str>,
+    /// The `aud` a token must hold for this backend.
+    pub audience: Arc<str>,
+}
+
+impl Config {
+    /// Reads, parses and validates a configuration file.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let metadata = std::fs::metadata(path)
+            .map_err(|e| ConfigError::new(path, 0, format!("cannot read the configuration: {e}")))?;
+        if metadata.len() > MAX_CONFIG_BYTES as u64 {
+            return Err(ConfigError::new(
+                path,
+                0,
+                format!("the configuration is larger than {MAX_CONFIG_BYTES} bytes; a sidecar's configuration is a few kilobytes"),
+            ));
+        }
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| ConfigError::new(path, 0, format!("cannot read the configuration: {e}")))?;
+        Config::from_yaml(&text, path)
+    }
+
+    /// Parses and validates configuration text; `path` names it in errors and anchors
+    /// relative paths (`jwks_file`, `unit_primitives`, `keys.cache_dir`).
+    pub fn from_yaml(text: &str, path: &Path) -> Result<Config, ConfigError> {
+        if text.len() > MAX_CONFIG_BYTES {
+            return Err(ConfigError::new(path, 0, format!("the configuration is larger than {MAX_CONFIG_BYTES} bytes")));
+        }
+        let raw: RawConfig = raw::parse(text, path)?;
+        Compiler { path, base_dir: path.parent().unwrap_or(Path::new(".")) }.compile(raw)
+    }
+
+    /// The configured issuer a token's `iss` names, if any.
+    pub fn issuer(&self, iss: &str) -> Option<&Issuer> {
+        self.issuer_index
+            .get(canonical_issuer(iss))
+            .map(|&i| &self.issuers[i])
+    }
+}
+
+struct Compiler<'a> {
+    path: &'a Path,
+    base_dir: &'a Path,
+}
+
+impl Compiler<'_> {
+    fn err(&self, line: u32, message: impl Into<String>) -> ConfigError {
+        ConfigError::new(self.path, line, message)
+    }
+
+    fn resolve(&self, p: &Path) -> PathBuf {
+        if p.is_absolute() { p.to_path_buf() } else { self.base_dir.join(p) }
+    }
+
+    fn compile(&self, raw: RawConfig) -> Result<Config, ConfigError> {
+        let listen = Listen {
+            grpc: self.socket_addr(raw.listen.grpc.as_ref(), DEFAULT_GRPC_LISTEN, "listen.grpc")?,
+            admin: self.socket_addr(raw.listen.admin.as_ref(), DEFAULT_ADMIN_LISTEN, "listen.admin")?,
+        };
+        if listen.grpc == listen.admin {
+            return Err(self.err(0, "listen.grpc and listen.admin are the same address; give the admin listener its own port"));
+        }
+        let (issuers, issuer_index) = self.issuers(&raw.issuers)?;
+        let keys = self.key_settings(&raw)?;
+        let tokens = self.token_settings(&raw)?;
+        let registry = match &raw.unit_primitives {
+            Some(dir) => Some(Arc::new(
+                Registry::load(&self.resolve(&dir.value)).map_err(|e| {
+                    if e.line == 0 && e.file == self.resolve(&dir.value) {
+                        self.err(dir.line(), format!("unit_primitives: {}", e.message))
+                    } else {
+                        e
+                    }
+                })?,
+            )),
+            None => None,
+        };
+        let enforce_min_version = raw.enforce_min_version.as_ref().is_some_and(|v| v.value);
+        if enforce_min_version && registry.is_none() {
+            let line = raw.enforce_min_version.as_ref().map_or(0, |v| v.line());
+            return Err(self.err(line, "enforce_min_version needs the unit primitive registry: set `unit_primitives:` to its directory"));
+        }
+        let (backends, routes) = self.backends(&raw.backends, registry.as_deref())?;
+        Ok(Config {
+            source: self.path.to_path_buf(),
+            listen,
+            issuers,
+            keys,
+            tokens,
+            backends,
+            routes,
+            registry,
+            enforce_min_version,
+            issuer_index,
+        })
+    }
+
+    fn socket_addr(&self, value: Option<&Spanned<String>>, default: &str, key: &str) -> Result<SocketAddr, ConfigError> {
+        match value {
+            None => Ok(default.parse().expect("default listen addresses are valid")),
+            Some(v) => v.value.parse().map_err(|_| {
+                self.err(v.line(), format!("{key}: {:?} is not an address with a port; write it like {default}", v.value))
+            }),
+        }
+    }
+
+    fn duration(&self, value: Option<&Spanned<String>>, default: Duration, key: &str) -> Result<Duration, ConfigError> {
+        let Some(v) = value else { return Ok(default) };
+        humantime::parse_duration(v.value.trim()).map_err(|e| {
+            self.err(v.line(), format!("{key}: {:?} is not a duration ({e}); write it like 30s, 5m or 24h", v.value))
+        })
+    }
+
+    fn issuers(&self, raw: &Spanned<Vec<Spanned<RawIssuer>>>) -> Result<(Vec<Issuer>, HashMap<Arc<str>, usize>), ConfigError> {
+        if raw.value.is_empty() {
+            return Err(self.err(raw.line(), "issuers: list at least one token issuer (its url, and optionally jwks_uri or jwks_file)"));
+        }
+        let mut issuers = Vec::new();
+        let mut index: HashMap<Arc<str>, usize> = HashMap::new();
+        let mut lines: HashMap<Arc<str>, u32> = HashMap::new();
+        for entry in &raw.value {
+            let line = entry.line();
+            let RawIssuer { url, jwks_uri, jwks_file } = &entry.value;
+            let url_text = url.value.trim();
+            if url_text.is_empty() {
+                return Err(self.err(url.line(), "issuers: url is empty; give the issuer's URL as it appears in its tokens' iss"));
+            }
+            let keys_from = match (jwks_uri, jwks_file) {
+                (Some(_), Some(f)) => {
+                    return Err(self.err(f.line(), format!("issuer {url_text}: give jwks_uri or jwks_file, not both")));
+                }
+                (Some(uri), None) => {
+                    check_fetch_url(&uri.value).map_err(|why| self.err(uri.line(), format!("issuer {url_text}: jwks_uri {why}")))?;
+                    KeysFrom::JwksUri(uri.value.clone())
+                }
+                (None, Some(file)) => KeysFrom::JwksFile(self.resolve(&file.value)),
+                (None, None) => {
+                    check_fetch_url(url_text).map_err(|why| {
+                        self.err(url.line(), format!("issuer {url_text}: url {why} (or give a jwks_file for an issuer without discovery)"))
+                    })?;
+                    KeysFrom::Discovery
+                }
+            };
+            let name: Arc<str> = canonical_issuer(url_text).into();
+            if let Some(first) = lines.get(&name) {
+                return Err(self.err(line, format!("issuer {url_text} is listed twice (first at line {first}); keep one entry per issuer")));
+            }
+            lines.insert(name.clone(), line);
+            index.insert(name.clone(), issuers.len());
+            issuers.push(Issuer { name, url: url_text.to_string(), keys_from });
+        }
+        Ok((issuers, index))
+    }
+
+    fn key_settings(&self, raw: &RawConfig) -> Result<KeySettings, ConfigError> {
+        let k = &raw.keys;
+        let settings = KeySettings {
+            refresh_interval: self.duration(k.refresh_interval.as_ref(), Duration::from_secs(24 * 3600), "keys.refresh_interval")?,
+            min_refresh_interval: self.duration(k.min_refresh_interval.as_ref(), Duration::from_secs(30), "keys.min_refresh_interval")?,
+            fetch_timeout: self.duration(k.fetch_timeout.as_ref(), Duration::from_secs(5), "keys.fetch_timeout")?,
+            cache_dir: k.cache_dir.as_ref().map(|d| self.resolve(&d.value)),
+        };
+        let line_of = |v: &Option<Spanned<String>>| v.as_ref().map_or(0, |v| v.line());
+        if settings.refresh_interval < Duration::from_secs(1) {
+            return Err(self.err(line_of(&k.refresh_interval), "keys.refresh_interval must be at least 1s"));
+        }
+        if settings.min_refresh_interval > settings.refresh_interval {
+            return Err(self.err(line_of(&k.min_refresh_interval), "keys.min_refresh_interval must not be longer than keys.refresh_interval"));
+        }
+        if settings.fetch_timeout.is_zero() || settings.fetch_timeout > Duration::from_secs(60) {
+            return Err(self.err(line_of(&k.fetch_timeout), "keys.fetch_timeout must be between 1ms and 60s"));
+        }
+        Ok(settings)
+    }
+
+    fn token_settings(&self, raw: &RawConfig) -> Result<TokenSettings, ConfigError> {
+        let t = &raw.tokens;
+        let algorithms = match &t.algorithms {
+            None => vec![Algorithm::RS256],
+            Some(list) => {
+                if list.value.is_empty() {
+                    return Err(self.err(list.line(), "tokens.algorithms is empty; list the signing algorithms to accept, like [RS256]"));
+                }
+                let mut algorithms = Vec::new();
+                for name in &list.value {
+                    let alg = parse_algorithm(&name.value).map_err(|why| self.err(name.line(), format!("tokens.algorithms: {why}")))?;
+                    if !algorithms.contains(&alg) {
+                        algorithms.push(alg);
+                    }
+                }
+                algorithms
+            }
+        };
+        let leeway = self.duration(t.leeway.as_ref(), Duration::from_secs(30), "tokens.leeway")?;
+        if leeway > Duration::from_secs(600) {
+            return Err(self.err(t.leeway.as_ref().map_or(0, |v| v.line()), "tokens.leeway must be at most 10m; clocks that far apart need fixing, not tolerating"));
+        }
+        let max_bytes = match &t.max_bytes {
+            None => 8192,
+            Some(v) if (512..=65536).contains(&v.value) => v.value,
+            Some(v) => return Err(self.err(v.line(), format!("tokens.max_bytes is {}; choose between 512 and 65536", v.value))),
+        };
+        Ok(TokenSettings { algorithms, leeway, max_bytes })
+    }
+
+    fn backends(&self, raw: &Spanned<Vec<Spanned<RawBackend>>>, registry: Option<&Registry>) -> Result<(Vec<Backend>, RouteTable), ConfigError> {
+        if raw.value.is_empty() {
+            return Err(self.err(raw.line(), "backends: list at least one backend with its audience and routes"));
+        }
+        let mut backends: Vec<Backend> = Vec::new();
+        let mut routes = Vec::new();
+        let mut route_lines = Vec::new();
+        let mut names: HashMap<String, u32> = HashMap::new();
+        let mut audiences: HashMap<Arc<str>, (String, u32)> = HashMap::new();
+        for entry in &raw.value {
+            let b = &entry.value;
+            let name = b.name.value.trim();
+            if name.is_empty() {
+                return Err(self.err(b.name.line(), "backend name is empty"));
+            }
+            if let Some(first) = names.insert(name.to_string(), b.name.line()) {
+                return Err(self.err(b.name.line(), format!("backend {name} is declared twice (first at line {first}); give each backend its own name")));
+            }
+            let backend_service = b.backend_service.as_ref();
+            let audience: Arc<str> = match (&b.audience, backend_service) {
+                (Some(a), None) if !a.value.trim().is_empty() => a.value.trim().into(),
+                (Some(a), None) => return Err(self.err(a.line(), format!("backend {name}: audience is empty"))),
+                (Some(a), Some(_)) => {
+                    return Err(self.err(a.line(), format!("backend {name}: give audience or backend_service, not both")));
+                }
+                (None, Some(bs)) => {
+                    let Some(registry) = registry else {
+                        return Err(self.err(bs.line(), format!("backend {name}: backend_service needs the unit primitive registry; set `unit_primitives:` or give `audience:`")));
+                    };
+                    let Some(service) = registry.backend_service(&bs.value) else {
+                        return Err(self.err(bs.line(), format!("backend {name}: backend_service {:?} is not in the unit primitive registry", bs.value)));
+                    };
+                    service.jwt_aud.as_str().into()
+                }
+                (None, None) => {
+                    return Err(self.err(entry.line(), format!("backend {name}: give the audience its tokens carry (audience: gitlab-ai-gateway) or a registry backend_service")));
+                }
+            };
+            if let Some((other, first)) = audiences.get(&audience) {
+                return Err(self.err(entry.line(), format!("backends {other} (line {first}) and {name} have the same audience {audience}; each backend needs its own")));
+            }
+            audiences.insert(audience.clone(), (name.to_string(), entry.line()));
+            if b.routes.value.is_empty() {
+                return Err(self.err(b.routes.line(), format!("backend {name} has no routes; list the paths it serves")));
+            }
+            let backend_index = backends.len();
+            for route in &b.routes.value {
+                if routes.len() >= MAX_ROUTES {
+                    return Err(self.err(route.line(), format!("more than {MAX_ROUTES} routes; group paths under prefixes")));
+                }
+                routes.push(self.route(route, backend_index, name, backend_service.map(|s| s.value.as_str()), registry)?);
+                route_lines.push(route.line());
+            }
+            backends.push(Backend { name: name.into(), audience });
+        }
+        let table = RouteTable::new(routes).map_err(|conflict| {
+            let first = &raw_route_pattern(&raw.value, conflict.first);
+            self.err(
+                route_lines[conflict.second],
+                format!("{first} is claimed twice for the same methods (first at line {}); merge the two routes or split them by methods", route_lines[conflict.first]),
+            )
+        })?;
+        Ok((backends, table))
+    }
+
+    fn route(&self, raw: &Spanned<RawRoute>, backend: usize, backend_name: &str, backend_service: Option<&str>, registry: Option<&Registry>) -> Result<Route, ConfigError> {
+        let line = raw.line();
+        let r = &raw.value;
+        let pattern = match (&r.path, &r.prefix) {
+            (Some(p), None) => Pattern::Exact(self.route_path(p, "path")?),
+            (None, Some(p)) => Pattern::Prefix(self.route_path(p, "prefix")?),
+            (Some(_), Some(_)) => return Err(self.err(line, format!("backend {backend_name}: a route has both path and prefix; give one (path for one exact path, prefix for a subtree)"))),
+            (None, None) => return Err(self.err(line, format!("backend {backend_name}: a route has neither path nor prefix; add `path: /exact` or `prefix: /subtree/`"))),
+        };
+        let methods = match &r.methods {
+            None => Methods::ANY,
+            Some(list) if list.value.is_empty() => return Err(self.err(list.line(), format!("route {pattern}: methods is empty; leave it out to allow every method"))),
+            Some(list) => Methods::parse(list.value.iter().map(String::as_str))
+                .map_err(|m| self.err(list.line(), format!("route {pattern}: {m:?} is not an HTTP method; use GET, HEAD, POST, PUT, PATCH, DELETE or OPTIONS")))?,
+        };
+        let public = r.public.as_ref().is_some_and(|p| p.value);
+        let access = if public {
+            if r.require.is_some() || r.unit_primitive_header.is_some() {
+                return Err(self.err(line, format!("route {pattern} is public and also requires unit primitives; drop one of them")));
+            }
+            Access::Public
+        } else {
+            if r.require.is_none() && r.unit_primitive_header.is_none() {
+                return Err(self.err(line, format!("route {pattern}: say what it needs: `require: [unit_primitive]`, `unit_primitive_header: x-gitlab-unit-primitive`, or `public: true`")));
+            }
+            let mut require: Vec<Arc<str>> = Vec::new();
+            for up in r.require.iter().flat_map(|l| &l.value) {
+                let name = up.value.trim();
+                self.check_unit_primitive(name, up.line(), &pattern, backend_service, registry)?;
+                if !require.iter().any(|r| &**r == name) {
+                    require.push(name.into());
+                }
+            }
+            let unit_primitive_header = match &r.unit_primitive_header {
+                None => None,
+                Some(h) => {
+                    let header = h.value.trim().to_ascii_lowercase();
+                    if header.is_empty() || !header.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_') {
+                        return Err(self.err(h.line(), format!("route {pattern}: unit_primitive_header {:?} is not a header name", h.value)));
+                    }
+                    if registry.is_none() {
+                        return Err(self.err(h.line(), format!("route {pattern}: unit_primitive_header needs the unit primitive registry to know which names are valid; set `unit_primitives:`")));
+                    }
+                    Some(header.into_boxed_str())
+                }
+            };
+            Access::Token { require, unit_primitive_header }
+        };
+        Ok(Route { pattern, methods, access, backend, line })
+    }
+
+    fn route_path(&self, p: &Spanned<String>, key: &str) -> Result<String, ConfigError> {
+        let value = p.value.as_str();
+        match normalize_path(value) {
+            Ok(n) if n == value && !value.contains(['?', '#']) => Ok(value.to_string()),
+            Ok(n) => Err(self.err(p.line(), format!("{key} {value:?} is not in normal form; write it as {n:?}"))),
+            Err(e) => Err(self.err(p.line(), format!("{key} {value:?}: {}", e.message().replace("the request path", "it")))),
+        }
+    }
+
+    fn check_unit_primitive(&self, name: &str, line: u32, pattern: &Pattern, backend_service: Option<&str>, registry: Option<&Registry>) -> Result<(), ConfigError> {
+        if name.is_empty() {
+            return Err(self.err(line, format!("route {pattern}: an empty unit primitive name in require")));
+        }
+        let Some(registry) = registry else { return Ok(()) };
+        if registry.unit_primitive(name).is_none() {
+            return Err(self.err(line, format!("route {pattern} requires unknown unit primitive {name:?}; check its spelling against the registry")));
+        }
+        if let Some(service) = backend_service
+            && !registry.delivered_by(name, service)
+        {
+            return Err(self.err(line, format!("route {pattern} requires unit primitive {name:?}, which backend service {service:?} does not deliver (see its backend_services in the registry)")));
+        }
+        Ok(())
+    }
+}
+
+fn raw_route_pattern(backends: &[Spanned<RawBackend>], mut index: usize) -> String {
+    for b in backends {
+        if index < b.value.routes.value.len() {
+            let r = &b.value.routes.value[index].value;
+            return match (&r.path, &r.prefix) {
+                (Some(p), _) => format!("path {}", p.value),
+                (_, Some(p)) => format!("prefix {}", p.value),
+                _ => "a route".to_string(),
+            };
+        }
+        index -= b.value.routes.value.len();
+    }
+    "a route".to_string()
+}
+
+/// Signing algorithms a service token may use: asymmetric only. `none` and the HMAC
+/// family are refused outright, since an HMAC "key" would be the issuer's public key.
+pub fn parse_algorithm(name: &str) -> Result<Algorithm, String> {
+    let alg = match name {
+        "RS256" => Algorithm::RS256,
+        "RS384" => Algorithm::RS384,
+        "RS512" => Algorithm::RS512,
+        "PS256" => Algorithm::PS256,
+        "PS384" => Algorithm::PS384,
+        "PS512" => Algorithm::PS512,
+        "ES256" => Algorithm::ES256,
+        "ES384" => Algorithm::ES384,
+        "EdDSA" => Algorithm::EdDSA,
+        n if n.eq_ignore_ascii_case("none") || n.to_ascii_uppercase().starts_with("HS") => {
+            return Err(format!("{n:?} is never accepted: only asymmetric signatures (RS256, PS256, ES256, ...) prove who signed"));
+        }
+        n => return Err(format!("{n:?} is not a JWS algorithm this service knows; use RS256, RS384, RS512, PS256, PS384, PS512, ES256, ES384 or EdDSA")),
+    };
+    Ok(alg)
+}
+
+/// Key and discovery URLs must be `https://`; `http://` only on loopback (tests, local work).
+pub fn check_fetch_url(url: &str) -> Result<(), String> {
+    let (scheme, rest) = url.split_once("://").ok_or_else(|| format!("{url:?} is not an absolute URL"))?;
+    let authority = rest.split(['/', '?', '#']).next().unwrap_or("");
+    let host = authority.rsplit_once('@').map_or(authority, |(_, h)| h);
+    let host = if let Some(v6) = host.strip_prefix('[') {
+        v6.split(']').next().unwrap_or("")
+    } else {
+        host.rsplit_once(':').map_or(host, |(h, _)| h)
+    };
+    if host.is_empty() {
+        return Err(format!("{url:?} has no host"));
+    }
+    match scheme.to_ascii_lowercase().as_str() {
+        "https" => Ok(()),
+        "http" if is_loopback(host) => Ok(()),
+        "http" => Err(format!("{url:?} uses plain http; use https (http is accepted only for loopback hosts)")),
+        _ => Err(format!("{url:?} is not an https URL")),
+    }
+}
+
+fn is_loopback(host: &str) -> bool {
+    host.eq_ignore_ascii_case("localhost")
+        || host.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback())
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,287 @@
+//! Finding the bearer token in a request and reading its header and claims, without
+//! any cryptography: nothing read here is trusted until `verify` has checked the
+//! signature. Parsing is strict: a claim of the wrong JSON type, a duplicate member or a
+//! `crit` header makes the token malformed rather than silently ignored.
+
+use base64::Engine;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use serde::Deserialize;
+use serde::de::{self, Deserializer};
+
+use crate::decision::{DenyReason, HeaderValue, Headers};
+
+/// A token failure: the reason and a sentence for the client (never the token).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TokenError {
+    pub reason: DenyReason,
+    pub message: &'static str,
+}
+
+fn malformed(message: &'static str) -> TokenError {
+    TokenError {
+        reason: DenyReason::MalformedToken,
+        message,
+    }
+}
+
+/// The token of `Authorization: Bearer <token>`: the scheme is matched without regard
+/// to case, exactly one Authorization header is accepted, and the token must fit in
+/// `max_bytes`.
+pub fn bearer(headers: &dyn Headers, max_bytes: usize) -> Result<&str, TokenError> {
+    let value = match headers.get("authorization") {
+        HeaderValue::Absent => {
+            return Err(TokenError {
+                reason: DenyReason::MissingToken,
+                message: "the request has no Authorization header with a bearer token",
+            });
+        }
+        HeaderValue::Repeated => return Err(malformed("the request has more than one Authorization header")),
+        HeaderValue::One(v) => v,
+    };
+    let value = value.trim_matches([' ', '\t']);
+    let (scheme, rest) = value.split_once([' ', '\t']).unwrap_or((value, ""));
+    if !scheme.eq_ignore_ascii_case("bearer") {
+        return Err(TokenError {
+            reason: DenyReason::MissingToken,
+            message: "the Authorization header does not use the Bearer scheme",
+        });
+    }
+    let token = rest.trim_start_matches([' ', '\t']);
+    if token.is_empty() {
+        return Err(malformed("the Authorization header has an empty bearer token"));
+    }
+    if token.len() > max_bytes {
+        return Err(malformed("the bearer token is larger than this service accepts"));
+    }
+    // Envoy joins repeated headers with a comma, and a JWT never holds one.
+    if token.contains(',') {
+        return Err(malformed("the request has more than one Authorization header"));
+    }
+    if token.contains([' ', '\t']) {
+        return Err(malformed("the bearer token contains whitespace"));
+    }
+    Ok(token)
+}
+
+/// The JOSE header members this service reads. `jku`, `x5u`, `jwk` and `x5c` are
+/// deliberately not read: keys come only from configuration.
+#[derive(Clone, Debug, Deserialize)]
+pub struct JoseHeader {
+    pub alg: String,
+    #[serde(default)]
+    pub kid: Option<String>,
+    #[serde(default)]
+    pub typ: Option<String>,
+    /// Any `crit` member makes the token unusable: we understand no extensions (RFC 7515 §4.1.11).
+    #[serde(default)]
+    pub crit: Option<serde_json::Value>,
+}
+
+/// `aud`: a string or an array of strings (RFC 7519 §4.1.3).
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(untagged)]
+pub enum Audience {
+    One(String),
+    Many(Vec<String>),
+}
+
+impl Audience {
+    pub fn contains(&self, audience: &str) -> bool {
+        match self {
+            Audience::One(a) => a == audience,
+            Audience::Many(all) => all.iter().any(|a| a == audience),
+        }
+    }
+}
+
+/// The claims of a Cloud Connector token that a decision reads.
+#[derive(Clone, Debug, Default, Deserialize)]
+pub struct Claims {
+    #[serde(default)]
+    pub iss: Option<String>,
+    #[serde(default)]
+    pub sub: Option<String>,
+    #[serde(default)]
+    pub aud: Option<Audience>,
+    #[serde(default, deserialize_with = "numeric_date")]
+    pub exp: Option<i64>,
+    #[serde(default, deserialize_with = "numeric_date")]
+    pub nbf: Option<i64>,
+    #[serde(default, deserialize_with = "numeric_date")]
+    pub iat: Option<i64>,
+    #[serde(default)]
+    pub jti: Option<String>,
+    #[serde(default)]
+    pub scopes: Option<Vec<String>>,
+    #[serde(default)]
+    pub gitlab_realm: Option<String>,
+    #[serde(default)]
+    pub gitlab_instance_id: Option<String>,
+}
+
+/// A NumericDate: a JSON number of seconds (fractions allowed, RFC 7519 §2), never a string.
+/// Values beyond ±2^53 are clamped: they are "forever" in either direction either way.
+fn numeric_date<'de, D: Deserializer<'de>>(d: D) -> Result<Option<i64>, D::Error> {
+    const LIMIT: f64 = 9_007_199_254_740_992.0;
+    let value = serde_json::Number::deserialize(d)?;
+    if let Some(i) = value.as_i64() {
+        return Ok(Some(i));
+    }
+    if value.as_u64().is_some() {
+        return Ok(Some(i64::MAX));
+    }
+    match value.as_f64() {
+        Some(f) if f.is_finite() => Ok(Some(f.clamp(-LIMIT, LIMIT).floor() as i64)),
+        _ => Err(de::Error::custom("a NumericDate must be a finite number")),
+    }
+}
+
+/// A token split and decoded but not verified.
+#[derive(Clone, Debug)]
+pub struct UnverifiedToken<'a> {
+    pub header: JoseHeader,
+    /// `base64url(header) "." base64url(payload)`: what the signature covers.
+    pub signing_input: &'a str,
+    /// The third segment, still base64url.
+    pub signature: &'a str,
+    payload: &'a str,
+}
+
+/// Splits a compact JWS and reads its header. Only three segments are a JWS: a
+/// five-segment JWE or anything else is malformed.
+pub fn split(token: &str) -> Result<UnverifiedToken<'_>, TokenError> {
+    let mut parts = token.split('.');
+    let (Some(header), Some(payload), Some(signature), None) =
+        (parts.next(), parts.next(), parts.next(), parts.next())
+    else {
+        return Err(malformed("the bearer token is not a signed JWT (three base64url segments)"));
+    };
+    if header.is_empty() || payload.is_empty() || signature.is_empty() {
+        return Err(malformed("the bearer token has an empty segment"));
+    }
+    let header_json = decode_segment(header)?;
+    let header: JoseHeader = serde_json::from_slice(&header_json)
+        .map_err(|_| malformed("the token header is not a valid JOSE header"))?;
+    if header.crit.is_some() {
+        return Err(malformed("the token header marks extensions as critical, and none are supported"));
+    }
+    let signing_input = &token[..token.len() - signature.len() - 1];
+    Ok(UnverifiedToken {
+        header,
+        signing_input,
+        signature,
+        payload,
+    })
+}
+
+impl UnverifiedToken<'_> {
+    /// Decodes the claims. Their types are checked here; their values after the signature.
+    pub fn claims(&self) -> Result<Claims, TokenError> {
+        let json = decode_segment(self.payload)?;
+        serde_json::from_slice(&json).map_err(|_| malformed("the token claims are not valid JSON of the expected types"))
+    }
+}
+
+fn decode_segment(segment: &str) -> Result<Vec<u8>, TokenError> {
+    URL_SAFE_NO_PAD
+        .decode(segment)
+        .map_err(|_| malformed("the bearer token is not valid unpadded base64url"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn headers(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+    }
+
+    fn b64(s: &str) -> String {
+        URL_SAFE_NO_PAD.encode(s)
+    }
+
+    fn token(header: &str, claims: &str) -> String {
+        format!("{}.{}.c2ln", b64(header), b64(claims))
+    }
+
+    #[test]
+    fn bearer_scheme_is_case_insensitive() {
+        for v in ["Bearer abc.def.ghi", "bearer abc.def.ghi", "BEARER   abc.def.ghi  "] {
+            assert_eq!(bearer(&headers(&[("authorization", v)]), 100).unwrap(), "abc.def.ghi");
+        }
+    }
+
+    #[test]
+    fn bearer_failures_have_their_reasons() {
+        let reason = |pairs: &[(&str, &str)], max| bearer(&headers(pairs), max).unwrap_err().reason;
+        assert_eq!(reason(&[], 100), DenyReason::MissingToken);
+        assert_eq!(reason(&[("authorization", "Basic dXNlcjpw")], 100), DenyReason::MissingToken);
+        assert_eq!(reason(&[("authorization", "Bearer")], 100), DenyReason::MalformedToken);
+        assert_eq!(reason(&[("authorization", "Bearer ")], 100), DenyReason::MalformedToken);
+        assert_eq!(reason(&[("authorization", "Bearer a.b.c"), ("Authorization", "Bearer a.b.c")], 100), DenyReason::MalformedToken);
+        assert_eq!(reason(&[("authorization", "Bearer a.b.c,Bearer d.e.f")], 100), DenyReason::MalformedToken);
+        assert_eq!(reason(&[("authorization", "Bearer a.b.c d")], 100), DenyReason::MalformedToken);
+        assert_eq!(reason(&[("authorization", "Bearer abcdefghij")], 5), DenyReason::MalformedToken);
+    }
+
+    #[test]
+    fn split_reads_header_and_claims() {
+        let t = token(r#"{"alg":"RS256","kid":"k1","typ":"JWT"}"#, r#"{"iss":"https://i","aud":["a","b"],"exp":1.5,"scopes":["x"]}"#);
+        let u = split(&t).unwrap();
+        assert_eq!(u.header.alg, "RS256");
+        assert_eq!(u.header.kid.as_deref(), Some("k1"));
+        assert_eq!(u.signature, "c2ln");
+        assert!(t.starts_with(u.signing_input) && t.len() == u.signing_input.len() + 5);
+        let c = u.claims().unwrap();
+        assert_eq!(c.exp, Some(1));
+        assert!(c.aud.unwrap().contains("b"));
+        assert_eq!(c.scopes.unwrap(), vec!["x"]);
+    }
+
+    #[test]
+    fn structurally_bad_tokens_are_malformed() {
+        let good_header = r#"{"alg":"RS256"}"#;
+        let bad = [
+            "abc".to_string(),
+            "a.b".to_string(),
+            format!("{}.{}.c.d.e", b64(good_header), b64("{}")),
+            format!("{}..c2ln", b64(good_header)),
+            format!("{}=.{}.c2ln", b64(good_header), b64("{}")),
+            format!("{}.{}.c2ln", b64(good_header).replace('e', "+"), b64("{}")),
+            token(r#"{"kid":"x"}"#, "{}"),
+            token(r#"{"alg":"RS256","alg":"none"}"#, "{}"),
+            token(r#"{"alg":"RS256","crit":["exp"]}"#, "{}"),
+            token("[1]", "{}"),
+        ];
+        for t in &bad {
+            assert_eq!(split(t).map(|_| ()).unwrap_err().reason, DenyReason::MalformedToken, "{t}");
+        }
+    }
+
+    #[test]
+    fn claims_of_the_wrong_type_are_malformed() {
+        for claims in [
+            r#"{"exp":"1700000000"}"#,
+            r#"{"aud":{"a":1}}"#,
+            r#"{"aud":[["a"]]}"#,
+            r#"{"scopes":"duo_chat"}"#,
+            r#"{"scopes":["duo_chat",1]}"#,
+            r#"{"iss":"a","iss":"b"}"#,
+            r#"{"sub":5}"#,
+            "not json",
+        ] {
+            let t = token(r#"{"alg":"RS256"}"#, claims);
+            let err = split(&t).unwrap().claims().unwrap_err();
+            assert_eq!(err.reason, DenyReason::MalformedToken, "{claims}");
+        }
+    }
+
+    #[test]
+    fn numeric_dates_accept_numbers_of_any_size() {
+        let t = token(r#"{"alg":"RS256"}"#, r#"{"exp":1e300,"nbf":-5,"iat":18446744073709551615}"#);
+        let c = split(&t).unwrap().claims().unwrap();
+        assert_eq!(c.exp, Some(9_007_199_254_740_992));
+        assert_eq!(c.nbf, Some(-5));
+        assert_eq!(c.iat, Some(i64::MAX));
+    }
+}

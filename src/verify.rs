@@ -1,0 +1,141 @@
+//! Checks that need trust: the signature against **one issuer's** keys, then the time
+//! window and the audience. The caller has already picked the issuer from the token's
+//! `iss`; nothing here ever looks at another issuer's keys.
+
+use jsonwebtoken::Algorithm;
+
+use crate::decision::DenyReason;
+use crate::keys::{KeySet, VerifyingKey};
+use crate::token::{Claims, UnverifiedToken};
+
+/// A failed check: the reason and a sentence for the client.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct VerifyError {
+    pub reason: DenyReason,
+    pub message: &'static str,
+}
+
+fn fail(reason: DenyReason, message: &'static str) -> VerifyError {
+    VerifyError { reason, message }
+}
+
+/// How many keys of a set a token without `kid` may be tried against, so that a
+/// kid-less token cannot make one request cost many verifications.
+const MAX_KEYS_TRIED_WITHOUT_KID: usize = 4;
+
+/// Verifies the signature with the issuer's key named by `kid` (or, for a token
+/// without `kid`, the first few keys that accept `alg`). Returns the key that verified it.
+pub fn signature<'k>(
+    token: &UnverifiedToken<'_>,
+    alg: Algorithm,
+    keys: &'k KeySet,
+) -> Result<&'k VerifyingKey, VerifyError> {
+    match token.header.kid.as_deref() {
+        Some(kid) => {
+            let key = keys.by_kid(kid).ok_or_else(|| {
+                fail(DenyReason::UnknownKey, "the token's key id is not among its issuer's keys")
+            })?;
+            if key.alg.is_some_and(|pinned| pinned != alg) {
+                return Err(fail(
+                    DenyReason::BadSignature,
+                    "the token's algorithm is not the one its key is published for",
+                ));
+            }
+            if verifies(token, alg, key) {
+                Ok(key)
+            } else {
+                Err(fail(DenyReason::BadSignature, "the token's signature does not verify"))
+            }
+        }
+        None => keys
+            .keys
+            .iter()
+            .filter(|k| k.alg.is_none_or(|pinned| pinned == alg))
+            .take(MAX_KEYS_TRIED_WITHOUT_KID)
+            .find(|k| verifies(token, alg, k))
+            .ok_or_else(|| {
+                fail(
+                    DenyReason::BadSignature,
+                    "the token has no key id and no key of its issuer verifies it",
+                )
+            }),
+    }
+}
+
+fn verifies(token: &UnverifiedToken<'_>, alg: Algorithm, key: &VerifyingKey) -> bool {
+    // An error here (a key of another family, a signature that is not base64url) is a
+    // signature that does not verify, nothing more.
+    jsonwebtoken::crypto::verify(token.signature, token.signing_input.as_bytes(), &key.key, alg)
+        .unwrap_or(false)
+}
+
+/// `exp` must be present and not past; `nbf` and `iat` must not be in the future;
+/// each with `leeway` seconds of clock skew.
+pub fn time_window(claims: &Claims, now: i64, leeway: i64) -> Result<(), VerifyError> {
+    let exp = claims
+        .exp
+        .ok_or_else(|| fail(DenyReason::Expired, "the token has no expiry (exp)"))?;
+    if now >= exp.saturating_add(leeway) {
+        return Err(fail(DenyReason::Expired, "the token has expired"));
+    }
+    if claims.nbf.is_some_and(|nbf| nbf > now.saturating_add(leeway)) {
+        return Err(fail(DenyReason::NotYetValid, "the token is not valid yet (nbf)"));
+    }
+    if claims.iat.is_some_and(|iat| iat > now.saturating_add(leeway)) {
+        return Err(fail(DenyReason::NotYetValid, "the token was issued in the future (iat)"));
+    }
+    Ok(())
+}
+
+/// `aud` (a string or an array) must contain the backend's audience.
+pub fn audience(claims: &Claims, expected: &str) -> Result<(), VerifyError> {
+    match &claims.aud {
+        Some(aud) if aud.contains(expected) => Ok(()),
+        Some(_) => Err(fail(DenyReason::WrongAudience, "the token is meant for another audience")),
+        None => Err(fail(DenyReason::WrongAudience, "the token has no audience (aud)")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::token::Audience;
+
+    fn claims(exp: Option<i64>, nbf: Option<i64>, iat: Option<i64>) -> Claims {
+        Claims {
+            exp,
+            nbf,
+            iat,
+            ..Claims::default()
+        }
+    }
+
+    #[test]
+    fn time_window_applies_leeway_on_both_sides() {
+        let now = 1_000_000;
+        assert!(time_window(&claims(Some(now + 1), None, None), now, 0).is_ok());
+        assert_eq!(time_window(&claims(Some(now), None, None), now, 0).unwrap_err().reason, DenyReason::Expired);
+        assert!(time_window(&claims(Some(now - 29), None, None), now, 30).is_ok());
+        assert_eq!(time_window(&claims(Some(now - 30), None, None), now, 30).unwrap_err().reason, DenyReason::Expired);
+        assert_eq!(time_window(&claims(None, None, None), now, 30).unwrap_err().reason, DenyReason::Expired);
+        assert!(time_window(&claims(Some(now + 60), Some(now + 30), Some(now + 30)), now, 30).is_ok());
+        assert_eq!(time_window(&claims(Some(now + 60), Some(now + 31), None), now, 30).unwrap_err().reason, DenyReason::NotYetValid);
+        assert_eq!(time_window(&claims(Some(now + 60), None, Some(now + 31)), now, 30).unwrap_err().reason, DenyReason::NotYetValid);
+    }
+
+    #[test]
+    fn extreme_times_do_not_overflow() {
+        assert!(time_window(&claims(Some(i64::MAX), Some(i64::MIN), None), 0, i64::MAX).is_ok());
+        assert_eq!(time_window(&claims(Some(i64::MIN), None, None), 0, 30).unwrap_err().reason, DenyReason::Expired);
+    }
+
+    #[test]
+    fn audience_is_a_string_or_an_array() {
+        let with = |aud| Claims { aud, ..Claims::default() };
+        assert!(audience(&with(Some(Audience::One("gitlab-ai-gateway".into()))), "gitlab-ai-gateway").is_ok());
+        assert!(audience(&with(Some(Audience::Many(vec!["x".into(), "gitlab-ai-gateway".into()]))), "gitlab-ai-gateway").is_ok());
+        assert_eq!(audience(&with(Some(Audience::One("x".into()))), "gitlab-ai-gateway").unwrap_err().reason, DenyReason::WrongAudience);
+        assert_eq!(audience(&with(Some(Audience::Many(vec![]))), "gitlab-ai-gateway").unwrap_err().reason, DenyReason::WrongAudience);
+        assert_eq!(audience(&with(None), "gitlab-ai-gateway").unwrap_err().reason, DenyReason::WrongAudience);
+    }
+}
