@@ -1,0 +1,108 @@
+//! Reading one registry file: bounded in size and in parser work, errors located.
+
+use std::fs::File;
+use std::io::Read;
+use std::path::Path;
+
+use serde::de::DeserializeOwned;
+use serde_saphyr::{Budget, Options, Spanned};
+
+use crate::config::ConfigError;
+
+/// Largest registry file accepted. The biggest real file (the generated legacy
+/// `cloud_connector.yml`) is tens of kilobytes; anything near this is a mistake or an attack.
+pub(crate) const MAX_FILE_BYTES: u64 = 1024 * 1024;
+
+/// Largest number of YAML files read from one registry directory tree.
+pub(crate) const MAX_FILES: usize = 4096;
+
+/// Parser limits. Registry files are shallow (the legacy file nests six levels) and use at
+/// most a handful of anchors (`defaults: &defaults`), so these are generous for real input
+/// while an alias bomb or a deeply nested document fails fast.
+fn options() -> Options {
+    let mut budget = Budget::default();
+    budget.max_depth = 16;
+    budget.flow_nesting_limit = 16;
+    budget.max_events = 200_000;
+    budget.max_nodes = 100_000;
+    budget.max_aliases = 256;
+    budget.max_anchors = 256;
+    budget.max_documents = 1;
+    budget.max_total_scalar_bytes = MAX_FILE_BYTES as usize;
+    budget.max_recorded_anchor_events = 100_000;
+    budget.max_recorded_anchor_bytes = MAX_FILE_BYTES as usize;
+    budget.max_inclusion_depth = 0;
+
+    let mut options = Options::default();
+    options.budget = Some(budget);
+    options.alias_limits.max_total_replayed_events = 100_000;
+    options.alias_limits.max_replay_stack_depth = 16;
+    options.alias_limits.max_alias_expansions_per_anchor = 256;
+    // The message goes into one log line; a source snippet would make it several.
+    options.with_snippet = false;
+    options
+}
+
+/// Reads `path` (at most [`MAX_FILE_BYTES`]) and deserializes it.
+pub(crate) fn read<T: DeserializeOwned>(path: &Path) -> Result<T, ConfigError> {
+    let text = read_text(path)?;
+    parse(path, &text)
+}
+
+pub(crate) fn parse<T: DeserializeOwned>(path: &Path, text: &str) -> Result<T, ConfigError> {
+    serde_saphyr::from_str_with_options(text, options()).map_err(|err| {
+        let mut located = ConfigError::from_yaml(path, &err);
+        if is_resource_limit(&err) {
+            located.message.push_str(
+                "; registry files are plain, shallow YAML: remove the anchors, aliases or nesting that exceed the limit",
+            );
+        }
+        located
+    })
+}
+
+/// Whether parsing stopped at one of our limits rather than at a mistake in the YAML.
+fn is_resource_limit(mut err: &serde_saphyr::Error) -> bool {
+    use serde_saphyr::Error;
+    loop {
+        match err {
+            // Alias errors and snippets wrap the error that actually stopped the parser.
+            Error::AliasError { error, .. } | Error::WithSnippet { error, .. } => err = error,
+            Error::Budget { .. }
+            | Error::AliasReplayLimitExceeded { .. }
+            | Error::AliasExpansionLimitExceeded { .. }
+            | Error::AliasReplayStackDepthExceeded { .. } => return true,
+            _ => return false,
+        }
+    }
+}
+
+fn read_text(path: &Path) -> Result<String, ConfigError> {
+    let io = |err: std::io::Error| {
+        ConfigError::new(path, 0, format!("cannot read registry file: {err}"))
+    };
+    let file = File::open(path).map_err(io)?;
+    let mut bytes = Vec::new();
+    // Read one byte past the limit instead of trusting the size in the metadata, which can
+    // change between the check and the read.
+    file.take(MAX_FILE_BYTES + 1)
+        .read_to_end(&mut bytes)
+        .map_err(io)?;
+    if bytes.len() as u64 > MAX_FILE_BYTES {
+        return Err(ConfigError::new(
+            path,
+            0,
+            format!(
+                "registry file is larger than {} KiB; is this the right file?",
+                MAX_FILE_BYTES / 1024
+            ),
+        ));
+    }
+    String::from_utf8(bytes)
+        .map_err(|_| ConfigError::new(path, 0, "registry file is not UTF-8 text; save it as UTF-8"))
+}
+
+/// The 1-based line where a spanned value was written (0 if unknown).
+pub(crate) fn line<T>(spanned: &Spanned<T>) -> u32 {
+    u32::try_from(spanned.referenced.line()).unwrap_or(u32::MAX)
+}
