@@ -6,4 +6,5 @@
 pub mod config;
 pub mod decide;
 pub mod decision;
+pub mod dev;
 pub mod keys;
