@@ -6,7 +6,10 @@
 pub mod config;
 pub mod decide;
 pub mod decision;
+pub mod dev;
+pub mod grpc;
 pub mod keys;
+pub mod proto;
 pub mod registry;
 pub mod route;
 pub mod token;

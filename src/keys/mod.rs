@@ -11,6 +11,7 @@ use std::time::SystemTime;
 
 use jsonwebtoken::{Algorithm, DecodingKey};
 
+pub mod fetch;
 pub mod jwks;
 
 /// Where a key set came from; shown in logs, readiness and `explain`.

@@ -1,0 +1,60 @@
+//! Helpers shared by the integration tests: fixed signing keys, claims, a fake issuer.
+// Each test binary compiles this module on its own and uses only part of it.
+#![allow(dead_code)]
+
+pub mod issuer;
+
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use connector_authz::dev::DevKey;
+use serde_json::{Value, json};
+
+pub use issuer::{FakeIssuer, Mode};
+
+const FIXTURES: [&str; 3] = [
+    include_str!("../fixtures/keys/test-rsa-2048-1.pem"),
+    include_str!("../fixtures/keys/test-rsa-2048-2.pem"),
+    include_str!("../fixtures/keys/test-rsa-2048-3.pem"),
+];
+
+/// Fixed RSA-2048 test key `n` (1, 2 or 3) with kid `test-key-{n}`. Loading is fast;
+/// generating a fresh key in a debug build is not.
+pub fn test_key(n: usize) -> DevKey {
+    let pem = FIXTURES
+        .get(n.wrapping_sub(1))
+        .unwrap_or_else(|| panic!("test keys are 1..=3, not {n}"));
+    DevKey::from_pkcs8_pem(pem, format!("test-key-{n}")).expect("fixture key loads")
+}
+
+/// The public JWK of a 1024-bit RSA key: too small to be accepted.
+pub fn small_rsa_jwk() -> Value {
+    serde_json::from_str(include_str!(
+        "../fixtures/keys/test-rsa-1024.public.jwk.json"
+    ))
+    .expect("fixture JWK parses")
+}
+
+/// Seconds since the Unix epoch.
+pub fn now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or_default()
+}
+
+/// Claims shaped like a Cloud Connector service token, issued now.
+pub fn claims(iss: &str, aud: &str, scopes: &[&str], exp: u64) -> Value {
+    let now = now();
+    json!({
+        "iss": iss,
+        "aud": aud,
+        "sub": "test-instance-id",
+        "scopes": scopes,
+        "iat": now,
+        "nbf": now,
+        "exp": exp,
+        "jti": format!("test-{now}"),
+        "gitlab_realm": "self-managed",
+        "gitlab_instance_id": "test-instance-id",
+    })
+}
