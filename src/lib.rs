@@ -7,3 +7,4 @@ pub mod config;
 pub mod decide;
 pub mod decision;
 pub mod keys;
+pub mod proto;
