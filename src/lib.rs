@@ -6,5 +6,6 @@
 pub mod config;
 pub mod decide;
 pub mod decision;
+pub mod grpc;
 pub mod keys;
 pub mod proto;
