@@ -9,6 +9,8 @@
 - Istio resources are CRDs that kubernetes-validate has no schema for (it only warns), so
   their structure is checked here, with the facts the files must agree on across each other:
   provider name, service host and port, pod labels, config and cache paths.
+- Dockerfile: final stage is distroless, non-root (same uid as deployment.yaml), ENTRYPOINT
+  /connector-authz. It is not built: no docker daemon or image registry on CI.
 - The ConfigMap's config.yaml: keys and addresses; `connector-authz check-config` too when a
   binary is found ($CONNECTOR_AUTHZ_BIN or target/{release,debug}/connector-authz).
 
@@ -249,6 +251,22 @@ def deployment_wires_config_ports_and_cache():
     assert sc["runAsNonRoot"] and sc["readOnlyRootFilesystem"] and sc["allowPrivilegeEscalation"] is False
     assert sc["capabilities"]["drop"] == ["ALL"] and sc["seccompProfile"]["type"] == "RuntimeDefault"
     assert c["resources"]["requests"] and c["resources"]["limits"]
+
+
+@check
+def dockerfile_runs_non_root_binary():
+    """Docker cannot run here (no daemon, no registry): check the final stage's text."""
+    with open(os.path.join(REPO, "Dockerfile")) as f:
+        lines = [l.strip() for l in f if l.strip() and not l.lstrip().startswith("#")]
+    final = lines[max(i for i, l in enumerate(lines) if l.startswith("FROM ")):]
+    assert "distroless" in final[0], final[0]
+    user = next(l.split()[1] for l in final if l.startswith("USER "))
+    uid = int(user.split(":")[0])
+    assert uid != 0, "runs as root"
+    assert uid == container("connector-authz")["securityContext"]["runAsUser"], \
+        "Dockerfile USER and deployment.yaml runAsUser differ"
+    assert 'ENTRYPOINT ["/connector-authz"]' in final
+    assert any(l.startswith("COPY --from=") and l.endswith(" /connector-authz") for l in final)
 
 
 def connector_authz_binary():
