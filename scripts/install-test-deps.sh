@@ -36,6 +36,11 @@ if ! command -v "$python" >/dev/null 2>&1; then
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3 python3-venv >&2
 fi
 
+if [ -e "$venv" ] && ! "$venv/bin/python" -c '' >/dev/null 2>&1; then
+  say "$venv does not run (its Python moved or was removed); recreating it"
+  rm -rf "$venv"
+fi
+
 if [ ! -x "$venv/bin/python" ]; then
   say "creating venv at $venv"
   if ! "$python" -m venv "$venv" >&2; then
