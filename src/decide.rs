@@ -40,18 +40,36 @@ pub fn decide(snapshot: &Snapshot, req: &Request<'_>, now: SystemTime) -> Decisi
         Err(e) => return Decision::deny(DenyReason::BadPath, e.message()),
     };
     let Some(route) = config.routes.find(&path, req.method) else {
-        return Decision::deny(DenyReason::NoRoute, "no route of this service matches the request's path and method");
+        return Decision::deny(
+            DenyReason::NoRoute,
+            "no route of this service matches the request's path and method",
+        );
     };
     let backend = &config.backends[route.backend];
     let (require, unit_primitive_header) = match &route.access {
         Access::Public => {
-            return Decision::Allow(Allowed { backend: backend.name.clone(), identity: None });
+            return Decision::Allow(Allowed {
+                backend: backend.name.clone(),
+                identity: None,
+            });
         }
-        Access::Token { require, unit_primitive_header } => (require, unit_primitive_header.as_deref()),
+        Access::Token {
+            require,
+            unit_primitive_header,
+        } => (require, unit_primitive_header.as_deref()),
     };
-    let check = TokenCheck { snapshot, config, req, backend, now: unix_seconds(now) };
+    let check = TokenCheck {
+        snapshot,
+        config,
+        req,
+        backend,
+        now: unix_seconds(now),
+    };
     match check.run(require, unit_primitive_header) {
-        Ok(identity) => Decision::Allow(Allowed { backend: backend.name.clone(), identity: Some(identity) }),
+        Ok(identity) => Decision::Allow(Allowed {
+            backend: backend.name.clone(),
+            identity: Some(identity),
+        }),
         Err(mut denied) => {
             denied.backend = Some(backend.name.clone());
             Decision::Deny(denied)
@@ -67,7 +85,12 @@ fn unix_seconds(t: SystemTime) -> i64 {
 }
 
 fn denied(reason: DenyReason, message: impl Into<Cow<'static, str>>) -> Denied {
-    Denied { reason, message: message.into(), backend: None, refresh_issuer: None }
+    Denied {
+        reason,
+        message: message.into(),
+        backend: None,
+        refresh_issuer: None,
+    }
 }
 
 struct TokenCheck<'a> {
@@ -79,22 +102,40 @@ struct TokenCheck<'a> {
 }
 
 impl TokenCheck<'_> {
-    fn run(&self, require: &[Arc<str>], unit_primitive_header: Option<&str>) -> Result<Identity, Denied> {
+    fn run(
+        &self,
+        require: &[Arc<str>],
+        unit_primitive_header: Option<&str>,
+    ) -> Result<Identity, Denied> {
         let settings = &self.config.tokens;
-        let raw = token::bearer(self.req.headers, settings.max_bytes).map_err(|e| denied(e.reason, e.message))?;
+        let raw = token::bearer(self.req.headers, settings.max_bytes)
+            .map_err(|e| denied(e.reason, e.message))?;
         let token = token::split(raw).map_err(|e| denied(e.reason, e.message))?;
         let alg = parse_algorithm(&token.header.alg)
             .ok()
             .filter(|alg| settings.algorithms.contains(alg))
-            .ok_or_else(|| denied(DenyReason::UnsupportedAlgorithm, "the token's signing algorithm is not accepted"))?;
+            .ok_or_else(|| {
+                denied(
+                    DenyReason::UnsupportedAlgorithm,
+                    "the token's signing algorithm is not accepted",
+                )
+            })?;
         let claims = token.claims().map_err(|e| denied(e.reason, e.message))?;
-        let iss = claims.iss.as_deref().ok_or_else(|| denied(DenyReason::UnknownIssuer, "the token has no issuer (iss)"))?;
-        let issuer = self
-            .config
-            .issuer(iss)
-            .ok_or_else(|| denied(DenyReason::UnknownIssuer, "the token's issuer is not trusted by this service"))?;
+        let iss = claims
+            .iss
+            .as_deref()
+            .ok_or_else(|| denied(DenyReason::UnknownIssuer, "the token has no issuer (iss)"))?;
+        let issuer = self.config.issuer(iss).ok_or_else(|| {
+            denied(
+                DenyReason::UnknownIssuer,
+                "the token's issuer is not trusted by this service",
+            )
+        })?;
         let keys = self.snapshot.keys.get(&issuer.name).ok_or_else(|| {
-            denied(DenyReason::KeysUnavailable, "the keys of the token's issuer are not loaded yet; retry shortly")
+            denied(
+                DenyReason::KeysUnavailable,
+                "the keys of the token's issuer are not loaded yet; retry shortly",
+            )
         })?;
         verify::signature(&token, alg, keys).map_err(|e| {
             let mut d = denied(e.reason, e.message);
@@ -105,11 +146,18 @@ impl TokenCheck<'_> {
         })?;
         let leeway = i64::try_from(settings.leeway.as_secs()).unwrap_or(i64::MAX);
         verify::time_window(&claims, self.now, leeway).map_err(|e| denied(e.reason, e.message))?;
-        verify::audience(&claims, &self.backend.audience).map_err(|e| denied(e.reason, e.message))?;
+        verify::audience(&claims, &self.backend.audience)
+            .map_err(|e| denied(e.reason, e.message))?;
         self.instance_headers(&claims, canonical_issuer(iss))?;
         let scopes = claims.scopes.as_deref().unwrap_or_default();
-        if let Some(missing) = require.iter().find(|up| !scopes.iter().any(|s| s == &***up)) {
-            return Err(denied(DenyReason::InsufficientScope, format!("the token does not grant the unit primitive {missing}")));
+        if let Some(missing) = require
+            .iter()
+            .find(|up| !scopes.iter().any(|s| s == &***up))
+        {
+            return Err(denied(
+                DenyReason::InsufficientScope,
+                format!("the token does not grant the unit primitive {missing}"),
+            ));
         }
         let named = match unit_primitive_header {
             Some(header) => Some(self.named_unit_primitive(header, scopes)?),
@@ -131,63 +179,132 @@ impl TokenCheck<'_> {
     /// checks them); a missing header then counts as a mismatch.
     fn instance_headers(&self, claims: &Claims, iss: &str) -> Result<(), Denied> {
         let headers = self.req.headers;
-        let must_equal = |name: &'static str, expected: &str, message: &'static str| match headers.get(name) {
-            HeaderValue::One(v) if v == expected => Ok(()),
-            _ => Err(denied(DenyReason::HeaderMismatch, message)),
-        };
+        let must_equal =
+            |name: &'static str, expected: &str, message: &'static str| match headers.get(name) {
+                HeaderValue::One(v) if v == expected => Ok(()),
+                _ => Err(denied(DenyReason::HeaderMismatch, message)),
+            };
         if let Some(realm) = &claims.gitlab_realm {
-            must_equal("x-gitlab-realm", realm, "the X-Gitlab-Realm header does not match the token")?;
+            must_equal(
+                "x-gitlab-realm",
+                realm,
+                "the X-Gitlab-Realm header does not match the token",
+            )?;
         }
         if let Some(instance) = &claims.gitlab_instance_id {
-            must_equal("x-gitlab-instance-id", instance, "the X-Gitlab-Instance-Id header does not match the token")?;
+            must_equal(
+                "x-gitlab-instance-id",
+                instance,
+                "the X-Gitlab-Instance-Id header does not match the token",
+            )?;
         }
         // A user token is one the backend minted itself: its issuer is the backend's audience.
         let user_token = iss == &*self.backend.audience;
         match (&claims.sub, user_token) {
-            (Some(sub), true) => must_equal("x-gitlab-global-user-id", sub, "the X-Gitlab-Global-User-Id header does not match the token's subject")?,
-            (None, true) => return Err(denied(DenyReason::HeaderMismatch, "the user token has no subject to match X-Gitlab-Global-User-Id")),
-            (Some(sub), false) => must_equal("x-gitlab-instance-id", sub, "the X-Gitlab-Instance-Id header does not match the token's subject")?,
+            (Some(sub), true) => must_equal(
+                "x-gitlab-global-user-id",
+                sub,
+                "the X-Gitlab-Global-User-Id header does not match the token's subject",
+            )?,
+            (None, true) => {
+                return Err(denied(
+                    DenyReason::HeaderMismatch,
+                    "the user token has no subject to match X-Gitlab-Global-User-Id",
+                ));
+            }
+            (Some(sub), false) => must_equal(
+                "x-gitlab-instance-id",
+                sub,
+                "the X-Gitlab-Instance-Id header does not match the token's subject",
+            )?,
             (None, false) => {}
         }
         match headers.get("x-gitlab-authentication-type") {
             HeaderValue::Absent => Ok(()),
-            HeaderValue::One(v) if v == "oidc" => Ok(()),
-            _ => Err(denied(DenyReason::HeaderMismatch, "the X-Gitlab-Authentication-Type header must be oidc")),
+            HeaderValue::One("oidc") => Ok(()),
+            _ => Err(denied(
+                DenyReason::HeaderMismatch,
+                "the X-Gitlab-Authentication-Type header must be oidc",
+            )),
         }
     }
 
     /// On routes where the request names its unit primitive in a header, that name must
     /// be a known unit primitive and be granted by the token.
-    fn named_unit_primitive<'s>(&'s self, header: &str, scopes: &[String]) -> Result<&'s str, Denied> {
-        let name = self.req.headers.get(header).one().map(str::trim).unwrap_or("");
+    fn named_unit_primitive<'s>(
+        &'s self,
+        header: &str,
+        scopes: &[String],
+    ) -> Result<&'s str, Denied> {
+        let name = self
+            .req
+            .headers
+            .get(header)
+            .one()
+            .map(str::trim)
+            .unwrap_or("");
         if name.is_empty() {
-            return Err(denied(DenyReason::BadUnitPrimitive, format!("the request must name its unit primitive in the {header} header")));
+            return Err(denied(
+                DenyReason::BadUnitPrimitive,
+                format!("the request must name its unit primitive in the {header} header"),
+            ));
         }
-        let known = self.config.registry.as_deref().and_then(|r| r.unit_primitive(name));
+        let known = self
+            .config
+            .registry
+            .as_deref()
+            .and_then(|r| r.unit_primitive(name));
         let Some(up) = known else {
-            return Err(denied(DenyReason::BadUnitPrimitive, format!("the {header} header does not name a known unit primitive")));
+            return Err(denied(
+                DenyReason::BadUnitPrimitive,
+                format!("the {header} header does not name a known unit primitive"),
+            ));
         };
         if !scopes.iter().any(|s| s == &up.name) {
-            return Err(denied(DenyReason::InsufficientScope, format!("the token does not grant the unit primitive {}", up.name)));
+            return Err(denied(
+                DenyReason::InsufficientScope,
+                format!("the token does not grant the unit primitive {}", up.name),
+            ));
         }
         Ok(up.name.as_str())
     }
 
-    fn min_version<'u>(&self, unit_primitives: impl Iterator<Item = &'u str>) -> Result<(), Denied> {
-        let Some(registry) = self.config.registry.as_deref() else { return Ok(()) };
-        let sent = self.req.headers.get("x-gitlab-version").one().map(str::trim);
+    fn min_version<'u>(
+        &self,
+        unit_primitives: impl Iterator<Item = &'u str>,
+    ) -> Result<(), Denied> {
+        let Some(registry) = self.config.registry.as_deref() else {
+            return Ok(());
+        };
+        let sent = self
+            .req
+            .headers
+            .get("x-gitlab-version")
+            .one()
+            .map(str::trim);
         for name in unit_primitives {
-            let Some(min) = registry.unit_primitive(name).and_then(|up| up.min_gitlab_version.as_ref()) else {
+            let Some(min) = registry
+                .unit_primitive(name)
+                .and_then(|up| up.min_gitlab_version.as_ref())
+            else {
                 continue;
             };
             let version = sent.and_then(|v| v.parse::<GitlabVersion>().ok());
             match version {
                 Some(v) if v >= *min => {}
                 Some(_) => {
-                    return Err(denied(DenyReason::VersionTooOld, format!("{name} needs GitLab {min} or later")));
+                    return Err(denied(
+                        DenyReason::VersionTooOld,
+                        format!("{name} needs GitLab {min} or later"),
+                    ));
                 }
                 None => {
-                    return Err(denied(DenyReason::VersionTooOld, format!("{name} needs GitLab {min} or later, and the request has no valid X-Gitlab-Version header")));
+                    return Err(denied(
+                        DenyReason::VersionTooOld,
+                        format!(
+                            "{name} needs GitLab {min} or later, and the request has no valid X-Gitlab-Version header"
+                        ),
+                    ));
                 }
             }
         }

@@ -757,7 +757,15 @@ mod tests {
     }
 
     fn mk_service(refresh: Option<Refresh>) -> (AuthzService, Option<Arc<FakeRefresher>>) {
-        let snapshot = Arc::new(ArcSwap::from_pointee(Snapshot::default()));
+        let config = crate::config::Config::from_yaml(
+            "issuers: [{url: https://issuer.test}]\nbackends: [{name: b, audience: a, routes: [{prefix: /, require: []}]}]\n",
+            std::path::Path::new("test.yaml"),
+        )
+        .expect("test config");
+        let snapshot = Arc::new(ArcSwap::from_pointee(Snapshot::new(
+            Arc::new(config),
+            Arc::default(),
+        )));
         let fake = refresh.map(|refresh| {
             Arc::new(FakeRefresher {
                 snapshot: Arc::clone(&snapshot),

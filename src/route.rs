@@ -93,7 +93,9 @@ fn decode_unreserved(path: &str) -> Result<String, PathError> {
             b'\\' => return Err(PathError::Backslash),
             0x01..=0x1f | 0x7f => return Err(PathError::ControlCharacter),
             b'%' => {
-                let hex = bytes.get(i + 1..i + 3).ok_or(PathError::BadPercentEncoding)?;
+                let hex = bytes
+                    .get(i + 1..i + 3)
+                    .ok_or(PathError::BadPercentEncoding)?;
                 let value = (hex_value(hex[0]).ok_or(PathError::BadPercentEncoding)? << 4)
                     | hex_value(hex[1]).ok_or(PathError::BadPercentEncoding)?;
                 match value {
@@ -264,14 +266,17 @@ pub struct Conflict {
     pub second: usize,
 }
 
+/// Pattern → indices of the routes that claim it (one per disjoint method set).
+type RouteIndex = HashMap<Box<str>, Vec<usize>>;
+
 /// Routes compiled for lookup: exact paths in a map, prefixes grouped by length so the
 /// longest match costs one hash lookup per distinct prefix length, not a scan of all routes.
 #[derive(Clone, Debug, Default)]
 pub struct RouteTable {
     routes: Vec<Route>,
-    exact: HashMap<Box<str>, Vec<usize>>,
+    exact: RouteIndex,
     /// (length, prefix → route indices), longest first.
-    prefixes: Vec<(usize, HashMap<Box<str>, Vec<usize>>)>,
+    prefixes: Vec<(usize, RouteIndex)>,
 }
 
 impl RouteTable {
@@ -300,7 +305,7 @@ impl RouteTable {
             slot.push(index);
         }
         let mut prefixes: Vec<_> = by_len.into_iter().collect();
-        prefixes.sort_by(|a, b| b.0.cmp(&a.0));
+        prefixes.sort_by_key(|p| std::cmp::Reverse(p.0));
         Ok(RouteTable {
             routes,
             exact,
@@ -344,16 +349,25 @@ mod tests {
 
     #[test]
     fn plain_paths_are_borrowed_and_lose_their_query() {
-        assert!(matches!(normalize_path("/ai/v2/code/completions"), Ok(Cow::Borrowed(_))));
+        assert!(matches!(
+            normalize_path("/ai/v2/code/completions"),
+            Ok(Cow::Borrowed(_))
+        ));
         assert_eq!(norm("/ai/v1/x?next=/../y#frag").unwrap(), "/ai/v1/x");
         assert_eq!(norm("/a.b/.c/..d").unwrap(), "/a.b/.c/..d");
     }
 
     #[test]
     fn dot_segments_and_repeated_slashes_are_resolved() {
-        assert_eq!(norm("/ai/monitoring/../v2/code/x").unwrap(), "/ai/v2/code/x");
+        assert_eq!(
+            norm("/ai/monitoring/../v2/code/x").unwrap(),
+            "/ai/v2/code/x"
+        );
         assert_eq!(norm("/ai/./v2//code/").unwrap(), "/ai/v2/code/");
-        assert_eq!(norm("/ai/monitoring/%2e%2e/v2/code/x").unwrap(), "/ai/v2/code/x");
+        assert_eq!(
+            norm("/ai/monitoring/%2e%2e/v2/code/x").unwrap(),
+            "/ai/v2/code/x"
+        );
         assert_eq!(norm("/ai/monitoring/%2E./v2").unwrap(), "/ai/v2");
         assert_eq!(norm("/ai/x/..").unwrap(), "/ai/");
         assert_eq!(norm("//").unwrap(), "/");
@@ -399,8 +413,16 @@ mod tests {
         RouteTable::new(vec![
             route(Pattern::Prefix("/ai/".into()), Methods::ANY, 0),
             route(Pattern::Prefix("/ai/v2/code/".into()), Methods::ANY, 1),
-            route(Pattern::Exact("/ai/v2/code/special".into()), Methods::parse(["POST"]).unwrap(), 2),
-            route(Pattern::Prefix("/ai/monitoring/".into()), Methods::parse(["get", "HEAD"]).unwrap(), 3),
+            route(
+                Pattern::Exact("/ai/v2/code/special".into()),
+                Methods::parse(["POST"]).unwrap(),
+                2,
+            ),
+            route(
+                Pattern::Prefix("/ai/monitoring/".into()),
+                Methods::parse(["get", "HEAD"]).unwrap(),
+                3,
+            ),
         ])
         .unwrap()
     }
@@ -422,38 +444,53 @@ mod tests {
         assert_eq!(t.find("/ai/v2/code/special", "GET").unwrap().backend, 1);
         assert_eq!(t.find("/ai/monitoring/health", "GET").unwrap().backend, 3);
         assert_eq!(t.find("/ai/monitoring/health", "POST").unwrap().backend, 0);
-        assert_eq!(t.find("/ai/monitoring/health", "PROPFIND").unwrap().backend, 0);
+        assert_eq!(
+            t.find("/ai/monitoring/health", "PROPFIND").unwrap().backend,
+            0
+        );
     }
 
     #[test]
     fn the_same_pattern_twice_conflicts_only_when_methods_overlap() {
         let get = Methods::parse(["GET"]).unwrap();
         let post = Methods::parse(["POST"]).unwrap();
-        assert!(RouteTable::new(vec![
-            route(Pattern::Exact("/a".into()), get, 0),
-            route(Pattern::Exact("/a".into()), post, 0),
-            route(Pattern::Prefix("/a".into()), Methods::ANY, 0),
-        ])
-        .is_ok());
+        assert!(
+            RouteTable::new(vec![
+                route(Pattern::Exact("/a".into()), get, 0),
+                route(Pattern::Exact("/a".into()), post, 0),
+                route(Pattern::Prefix("/a".into()), Methods::ANY, 0),
+            ])
+            .is_ok()
+        );
         let err = RouteTable::new(vec![
             route(Pattern::Prefix("/a/".into()), get, 0),
             route(Pattern::Prefix("/b/".into()), get, 0),
             route(Pattern::Prefix("/a/".into()), Methods::ANY, 1),
         ])
         .unwrap_err();
-        assert_eq!(err, Conflict { first: 0, second: 2 });
+        assert_eq!(
+            err,
+            Conflict {
+                first: 0,
+                second: 2
+            }
+        );
     }
 
     #[test]
     fn methods_parse_and_report_unknown_names() {
-        assert_eq!(Methods::parse(["get", "Post"]).unwrap().names(), vec!["GET", "POST"]);
+        assert_eq!(
+            Methods::parse(["get", "Post"]).unwrap().names(),
+            vec!["GET", "POST"]
+        );
         assert_eq!(Methods::parse(["FETCH"]).unwrap_err(), "FETCH");
         assert!(Methods::ANY.contains("PROPFIND"));
     }
 
     #[test]
     fn prefix_lookup_respects_utf8_boundaries() {
-        let t = RouteTable::new(vec![route(Pattern::Prefix("/ab".into()), Methods::ANY, 0)]).unwrap();
+        let t =
+            RouteTable::new(vec![route(Pattern::Prefix("/ab".into()), Methods::ANY, 0)]).unwrap();
         assert!(t.find("/é", "GET").is_none());
         assert!(t.find("/abc", "GET").is_some());
     }

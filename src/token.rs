@@ -35,7 +35,11 @@ pub fn bearer(headers: &dyn Headers, max_bytes: usize) -> Result<&str, TokenErro
                 message: "the request has no Authorization header with a bearer token",
             });
         }
-        HeaderValue::Repeated => return Err(malformed("the request has more than one Authorization header")),
+        HeaderValue::Repeated => {
+            return Err(malformed(
+                "the request has more than one Authorization header",
+            ));
+        }
         HeaderValue::One(v) => v,
     };
     let value = value.trim_matches([' ', '\t']);
@@ -48,14 +52,20 @@ pub fn bearer(headers: &dyn Headers, max_bytes: usize) -> Result<&str, TokenErro
     }
     let token = rest.trim_start_matches([' ', '\t']);
     if token.is_empty() {
-        return Err(malformed("the Authorization header has an empty bearer token"));
+        return Err(malformed(
+            "the Authorization header has an empty bearer token",
+        ));
     }
     if token.len() > max_bytes {
-        return Err(malformed("the bearer token is larger than this service accepts"));
+        return Err(malformed(
+            "the bearer token is larger than this service accepts",
+        ));
     }
     // Envoy joins repeated headers with a comma, and a JWT never holds one.
     if token.contains(',') {
-        return Err(malformed("the request has more than one Authorization header"));
+        return Err(malformed(
+            "the request has more than one Authorization header",
+        ));
     }
     if token.contains([' ', '\t']) {
         return Err(malformed("the bearer token contains whitespace"));
@@ -154,7 +164,9 @@ pub fn split(token: &str) -> Result<UnverifiedToken<'_>, TokenError> {
     let (Some(header), Some(payload), Some(signature), None) =
         (parts.next(), parts.next(), parts.next(), parts.next())
     else {
-        return Err(malformed("the bearer token is not a signed JWT (three base64url segments)"));
+        return Err(malformed(
+            "the bearer token is not a signed JWT (three base64url segments)",
+        ));
     };
     if header.is_empty() || payload.is_empty() || signature.is_empty() {
         return Err(malformed("the bearer token has an empty segment"));
@@ -163,7 +175,9 @@ pub fn split(token: &str) -> Result<UnverifiedToken<'_>, TokenError> {
     let header: JoseHeader = serde_json::from_slice(&header_json)
         .map_err(|_| malformed("the token header is not a valid JOSE header"))?;
     if header.crit.is_some() {
-        return Err(malformed("the token header marks extensions as critical, and none are supported"));
+        return Err(malformed(
+            "the token header marks extensions as critical, and none are supported",
+        ));
     }
     let signing_input = &token[..token.len() - signature.len() - 1];
     Ok(UnverifiedToken {
@@ -178,7 +192,8 @@ impl UnverifiedToken<'_> {
     /// Decodes the claims. Their types are checked here; their values after the signature.
     pub fn claims(&self) -> Result<Claims, TokenError> {
         let json = decode_segment(self.payload)?;
-        serde_json::from_slice(&json).map_err(|_| malformed("the token claims are not valid JSON of the expected types"))
+        serde_json::from_slice(&json)
+            .map_err(|_| malformed("the token claims are not valid JSON of the expected types"))
     }
 }
 
@@ -193,7 +208,10 @@ mod tests {
     use super::*;
 
     fn headers(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
-        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
     }
 
     fn b64(s: &str) -> String {
@@ -206,8 +224,15 @@ mod tests {
 
     #[test]
     fn bearer_scheme_is_case_insensitive() {
-        for v in ["Bearer abc.def.ghi", "bearer abc.def.ghi", "BEARER   abc.def.ghi  "] {
-            assert_eq!(bearer(&headers(&[("authorization", v)]), 100).unwrap(), "abc.def.ghi");
+        for v in [
+            "Bearer abc.def.ghi",
+            "bearer abc.def.ghi",
+            "BEARER   abc.def.ghi  ",
+        ] {
+            assert_eq!(
+                bearer(&headers(&[("authorization", v)]), 100).unwrap(),
+                "abc.def.ghi"
+            );
         }
     }
 
@@ -215,18 +240,48 @@ mod tests {
     fn bearer_failures_have_their_reasons() {
         let reason = |pairs: &[(&str, &str)], max| bearer(&headers(pairs), max).unwrap_err().reason;
         assert_eq!(reason(&[], 100), DenyReason::MissingToken);
-        assert_eq!(reason(&[("authorization", "Basic dXNlcjpw")], 100), DenyReason::MissingToken);
-        assert_eq!(reason(&[("authorization", "Bearer")], 100), DenyReason::MalformedToken);
-        assert_eq!(reason(&[("authorization", "Bearer ")], 100), DenyReason::MalformedToken);
-        assert_eq!(reason(&[("authorization", "Bearer a.b.c"), ("Authorization", "Bearer a.b.c")], 100), DenyReason::MalformedToken);
-        assert_eq!(reason(&[("authorization", "Bearer a.b.c,Bearer d.e.f")], 100), DenyReason::MalformedToken);
-        assert_eq!(reason(&[("authorization", "Bearer a.b.c d")], 100), DenyReason::MalformedToken);
-        assert_eq!(reason(&[("authorization", "Bearer abcdefghij")], 5), DenyReason::MalformedToken);
+        assert_eq!(
+            reason(&[("authorization", "Basic dXNlcjpw")], 100),
+            DenyReason::MissingToken
+        );
+        assert_eq!(
+            reason(&[("authorization", "Bearer")], 100),
+            DenyReason::MalformedToken
+        );
+        assert_eq!(
+            reason(&[("authorization", "Bearer ")], 100),
+            DenyReason::MalformedToken
+        );
+        assert_eq!(
+            reason(
+                &[
+                    ("authorization", "Bearer a.b.c"),
+                    ("Authorization", "Bearer a.b.c")
+                ],
+                100
+            ),
+            DenyReason::MalformedToken
+        );
+        assert_eq!(
+            reason(&[("authorization", "Bearer a.b.c,Bearer d.e.f")], 100),
+            DenyReason::MalformedToken
+        );
+        assert_eq!(
+            reason(&[("authorization", "Bearer a.b.c d")], 100),
+            DenyReason::MalformedToken
+        );
+        assert_eq!(
+            reason(&[("authorization", "Bearer abcdefghij")], 5),
+            DenyReason::MalformedToken
+        );
     }
 
     #[test]
     fn split_reads_header_and_claims() {
-        let t = token(r#"{"alg":"RS256","kid":"k1","typ":"JWT"}"#, r#"{"iss":"https://i","aud":["a","b"],"exp":1.5,"scopes":["x"]}"#);
+        let t = token(
+            r#"{"alg":"RS256","kid":"k1","typ":"JWT"}"#,
+            r#"{"iss":"https://i","aud":["a","b"],"exp":1.5,"scopes":["x"]}"#,
+        );
         let u = split(&t).unwrap();
         assert_eq!(u.header.alg, "RS256");
         assert_eq!(u.header.kid.as_deref(), Some("k1"));
@@ -254,7 +309,11 @@ mod tests {
             token("[1]", "{}"),
         ];
         for t in &bad {
-            assert_eq!(split(t).map(|_| ()).unwrap_err().reason, DenyReason::MalformedToken, "{t}");
+            assert_eq!(
+                split(t).map(|_| ()).unwrap_err().reason,
+                DenyReason::MalformedToken,
+                "{t}"
+            );
         }
     }
 
@@ -278,7 +337,10 @@ mod tests {
 
     #[test]
     fn numeric_dates_accept_numbers_of_any_size() {
-        let t = token(r#"{"alg":"RS256"}"#, r#"{"exp":1e300,"nbf":-5,"iat":18446744073709551615}"#);
+        let t = token(
+            r#"{"alg":"RS256"}"#,
+            r#"{"exp":1e300,"nbf":-5,"iat":18446744073709551615}"#,
+        );
         let c = split(&t).unwrap().claims().unwrap();
         assert_eq!(c.exp, Some(9_007_199_254_740_992));
         assert_eq!(c.nbf, Some(-5));

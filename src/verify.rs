@@ -33,7 +33,10 @@ pub fn signature<'k>(
     match token.header.kid.as_deref() {
         Some(kid) => {
             let key = keys.by_kid(kid).ok_or_else(|| {
-                fail(DenyReason::UnknownKey, "the token's key id is not among its issuer's keys")
+                fail(
+                    DenyReason::UnknownKey,
+                    "the token's key id is not among its issuer's keys",
+                )
             })?;
             if key.alg.is_some_and(|pinned| pinned != alg) {
                 return Err(fail(
@@ -44,7 +47,10 @@ pub fn signature<'k>(
             if verifies(token, alg, key) {
                 Ok(key)
             } else {
-                Err(fail(DenyReason::BadSignature, "the token's signature does not verify"))
+                Err(fail(
+                    DenyReason::BadSignature,
+                    "the token's signature does not verify",
+                ))
             }
         }
         None => keys
@@ -65,8 +71,13 @@ pub fn signature<'k>(
 fn verifies(token: &UnverifiedToken<'_>, alg: Algorithm, key: &VerifyingKey) -> bool {
     // An error here (a key of another family, a signature that is not base64url) is a
     // signature that does not verify, nothing more.
-    jsonwebtoken::crypto::verify(token.signature, token.signing_input.as_bytes(), &key.key, alg)
-        .unwrap_or(false)
+    jsonwebtoken::crypto::verify(
+        token.signature,
+        token.signing_input.as_bytes(),
+        &key.key,
+        alg,
+    )
+    .unwrap_or(false)
 }
 
 /// `exp` must be present and not past; `nbf` and `iat` must not be in the future;
@@ -78,11 +89,23 @@ pub fn time_window(claims: &Claims, now: i64, leeway: i64) -> Result<(), VerifyE
     if now >= exp.saturating_add(leeway) {
         return Err(fail(DenyReason::Expired, "the token has expired"));
     }
-    if claims.nbf.is_some_and(|nbf| nbf > now.saturating_add(leeway)) {
-        return Err(fail(DenyReason::NotYetValid, "the token is not valid yet (nbf)"));
+    if claims
+        .nbf
+        .is_some_and(|nbf| nbf > now.saturating_add(leeway))
+    {
+        return Err(fail(
+            DenyReason::NotYetValid,
+            "the token is not valid yet (nbf)",
+        ));
     }
-    if claims.iat.is_some_and(|iat| iat > now.saturating_add(leeway)) {
-        return Err(fail(DenyReason::NotYetValid, "the token was issued in the future (iat)"));
+    if claims
+        .iat
+        .is_some_and(|iat| iat > now.saturating_add(leeway))
+    {
+        return Err(fail(
+            DenyReason::NotYetValid,
+            "the token was issued in the future (iat)",
+        ));
     }
     Ok(())
 }
@@ -91,8 +114,14 @@ pub fn time_window(claims: &Claims, now: i64, leeway: i64) -> Result<(), VerifyE
 pub fn audience(claims: &Claims, expected: &str) -> Result<(), VerifyError> {
     match &claims.aud {
         Some(aud) if aud.contains(expected) => Ok(()),
-        Some(_) => Err(fail(DenyReason::WrongAudience, "the token is meant for another audience")),
-        None => Err(fail(DenyReason::WrongAudience, "the token has no audience (aud)")),
+        Some(_) => Err(fail(
+            DenyReason::WrongAudience,
+            "the token is meant for another audience",
+        )),
+        None => Err(fail(
+            DenyReason::WrongAudience,
+            "the token has no audience (aud)",
+        )),
     }
 }
 
@@ -114,28 +143,98 @@ mod tests {
     fn time_window_applies_leeway_on_both_sides() {
         let now = 1_000_000;
         assert!(time_window(&claims(Some(now + 1), None, None), now, 0).is_ok());
-        assert_eq!(time_window(&claims(Some(now), None, None), now, 0).unwrap_err().reason, DenyReason::Expired);
+        assert_eq!(
+            time_window(&claims(Some(now), None, None), now, 0)
+                .unwrap_err()
+                .reason,
+            DenyReason::Expired
+        );
         assert!(time_window(&claims(Some(now - 29), None, None), now, 30).is_ok());
-        assert_eq!(time_window(&claims(Some(now - 30), None, None), now, 30).unwrap_err().reason, DenyReason::Expired);
-        assert_eq!(time_window(&claims(None, None, None), now, 30).unwrap_err().reason, DenyReason::Expired);
-        assert!(time_window(&claims(Some(now + 60), Some(now + 30), Some(now + 30)), now, 30).is_ok());
-        assert_eq!(time_window(&claims(Some(now + 60), Some(now + 31), None), now, 30).unwrap_err().reason, DenyReason::NotYetValid);
-        assert_eq!(time_window(&claims(Some(now + 60), None, Some(now + 31)), now, 30).unwrap_err().reason, DenyReason::NotYetValid);
+        assert_eq!(
+            time_window(&claims(Some(now - 30), None, None), now, 30)
+                .unwrap_err()
+                .reason,
+            DenyReason::Expired
+        );
+        assert_eq!(
+            time_window(&claims(None, None, None), now, 30)
+                .unwrap_err()
+                .reason,
+            DenyReason::Expired
+        );
+        assert!(
+            time_window(
+                &claims(Some(now + 60), Some(now + 30), Some(now + 30)),
+                now,
+                30
+            )
+            .is_ok()
+        );
+        assert_eq!(
+            time_window(&claims(Some(now + 60), Some(now + 31), None), now, 30)
+                .unwrap_err()
+                .reason,
+            DenyReason::NotYetValid
+        );
+        assert_eq!(
+            time_window(&claims(Some(now + 60), None, Some(now + 31)), now, 30)
+                .unwrap_err()
+                .reason,
+            DenyReason::NotYetValid
+        );
     }
 
     #[test]
     fn extreme_times_do_not_overflow() {
         assert!(time_window(&claims(Some(i64::MAX), Some(i64::MIN), None), 0, i64::MAX).is_ok());
-        assert_eq!(time_window(&claims(Some(i64::MIN), None, None), 0, 30).unwrap_err().reason, DenyReason::Expired);
+        assert_eq!(
+            time_window(&claims(Some(i64::MIN), None, None), 0, 30)
+                .unwrap_err()
+                .reason,
+            DenyReason::Expired
+        );
     }
 
     #[test]
     fn audience_is_a_string_or_an_array() {
-        let with = |aud| Claims { aud, ..Claims::default() };
-        assert!(audience(&with(Some(Audience::One("gitlab-ai-gateway".into()))), "gitlab-ai-gateway").is_ok());
-        assert!(audience(&with(Some(Audience::Many(vec!["x".into(), "gitlab-ai-gateway".into()]))), "gitlab-ai-gateway").is_ok());
-        assert_eq!(audience(&with(Some(Audience::One("x".into()))), "gitlab-ai-gateway").unwrap_err().reason, DenyReason::WrongAudience);
-        assert_eq!(audience(&with(Some(Audience::Many(vec![]))), "gitlab-ai-gateway").unwrap_err().reason, DenyReason::WrongAudience);
-        assert_eq!(audience(&with(None), "gitlab-ai-gateway").unwrap_err().reason, DenyReason::WrongAudience);
+        let with = |aud| Claims {
+            aud,
+            ..Claims::default()
+        };
+        assert!(
+            audience(
+                &with(Some(Audience::One("gitlab-ai-gateway".into()))),
+                "gitlab-ai-gateway"
+            )
+            .is_ok()
+        );
+        assert!(
+            audience(
+                &with(Some(Audience::Many(vec![
+                    "x".into(),
+                    "gitlab-ai-gateway".into()
+                ]))),
+                "gitlab-ai-gateway"
+            )
+            .is_ok()
+        );
+        assert_eq!(
+            audience(&with(Some(Audience::One("x".into()))), "gitlab-ai-gateway")
+                .unwrap_err()
+                .reason,
+            DenyReason::WrongAudience
+        );
+        assert_eq!(
+            audience(&with(Some(Audience::Many(vec![]))), "gitlab-ai-gateway")
+                .unwrap_err()
+                .reason,
+            DenyReason::WrongAudience
+        );
+        assert_eq!(
+            audience(&with(None), "gitlab-ai-gateway")
+                .unwrap_err()
+                .reason,
+            DenyReason::WrongAudience
+        );
     }
 }

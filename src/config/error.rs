@@ -31,7 +31,13 @@ impl ConfigError {
 impl fmt::Display for ConfigError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         if self.line > 0 {
-            write!(f, "{} ({}:{})", self.message, self.file.display(), self.line)
+            write!(
+                f,
+                "{} ({}:{})",
+                self.message,
+                self.file.display(),
+                self.line
+            )
         } else {
             write!(f, "{} ({})", self.message, self.file.display())
         }

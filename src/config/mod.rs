@@ -42,7 +42,7 @@ pub struct Config {
     pub routes: RouteTable,
     pub registry: Option<Arc<Registry>>,
     pub enforce_min_version: bool,
-    issuer_index: HashMap<Arc<str>, usize>,
+    issuer_index: IssuerIndex,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -97,17 +97,21 @@ pub struct Backend {
 impl Config {
     /// Reads, parses and validates a configuration file.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
-        let metadata = std::fs::metadata(path)
-            .map_err(|e| ConfigError::new(path, 0, format!("cannot read the configuration: {e}")))?;
+        let metadata = std::fs::metadata(path).map_err(|e| {
+            ConfigError::new(path, 0, format!("cannot read the configuration: {e}"))
+        })?;
         if metadata.len() > MAX_CONFIG_BYTES as u64 {
             return Err(ConfigError::new(
                 path,
                 0,
-                format!("the configuration is larger than {MAX_CONFIG_BYTES} bytes; a sidecar's configuration is a few kilobytes"),
+                format!(
+                    "the configuration is larger than {MAX_CONFIG_BYTES} bytes; a sidecar's configuration is a few kilobytes"
+                ),
             ));
         }
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| ConfigError::new(path, 0, format!("cannot read the configuration: {e}")))?;
+        let text = std::fs::read_to_string(path).map_err(|e| {
+            ConfigError::new(path, 0, format!("cannot read the configuration: {e}"))
+        })?;
         Config::from_yaml(&text, path)
     }
 
@@ -115,10 +119,18 @@ impl Config {
     /// relative paths (`jwks_file`, `unit_primitives`, `keys.cache_dir`).
     pub fn from_yaml(text: &str, path: &Path) -> Result<Config, ConfigError> {
         if text.len() > MAX_CONFIG_BYTES {
-            return Err(ConfigError::new(path, 0, format!("the configuration is larger than {MAX_CONFIG_BYTES} bytes")));
+            return Err(ConfigError::new(
+                path,
+                0,
+                format!("the configuration is larger than {MAX_CONFIG_BYTES} bytes"),
+            ));
         }
         let raw: RawConfig = raw::parse(text, path)?;
-        Compiler { path, base_dir: path.parent().unwrap_or(Path::new(".")) }.compile(raw)
+        Compiler {
+            path,
+            base_dir: path.parent().unwrap_or(Path::new(".")),
+        }
+        .compile(raw)
     }
 
     /// The configured issuer a token's `iss` names, if any.
@@ -128,6 +140,9 @@ impl Config {
             .map(|&i| &self.issuers[i])
     }
 }
+
+/// Canonical issuer name → index into `Config::issuers`.
+type IssuerIndex = HashMap<Arc<str>, usize>;
 
 struct Compiler<'a> {
     path: &'a Path,
@@ -140,13 +155,21 @@ impl Compiler<'_> {
     }
 
     fn resolve(&self, p: &Path) -> PathBuf {
-        if p.is_absolute() { p.to_path_buf() } else { self.base_dir.join(p) }
+        if p.is_absolute() {
+            p.to_path_buf()
+        } else {
+            self.base_dir.join(p)
+        }
     }
 
     fn compile(&self, raw: RawConfig) -> Result<Config, ConfigError> {
         let listen = Listen {
             grpc: self.socket_addr(raw.listen.grpc.as_ref(), DEFAULT_GRPC_LISTEN, "listen.grpc")?,
-            admin: self.socket_addr(raw.listen.admin.as_ref(), DEFAULT_ADMIN_LISTEN, "listen.admin")?,
+            admin: self.socket_addr(
+                raw.listen.admin.as_ref(),
+                DEFAULT_ADMIN_LISTEN,
+                "listen.admin",
+            )?,
         };
         if listen.grpc == listen.admin {
             return Err(self.err(0, "listen.grpc and listen.admin are the same address; give the admin listener its own port"));
@@ -186,23 +209,48 @@ impl Compiler<'_> {
         })
     }
 
-    fn socket_addr(&self, value: Option<&Spanned<String>>, default: &str, key: &str) -> Result<SocketAddr, ConfigError> {
+    fn socket_addr(
+        &self,
+        value: Option<&Spanned<String>>,
+        default: &str,
+        key: &str,
+    ) -> Result<SocketAddr, ConfigError> {
         match value {
             None => Ok(default.parse().expect("default listen addresses are valid")),
             Some(v) => v.value.parse().map_err(|_| {
-                self.err(v.line(), format!("{key}: {:?} is not an address with a port; write it like {default}", v.value))
+                self.err(
+                    v.line(),
+                    format!(
+                        "{key}: {:?} is not an address with a port; write it like {default}",
+                        v.value
+                    ),
+                )
             }),
         }
     }
 
-    fn duration(&self, value: Option<&Spanned<String>>, default: Duration, key: &str) -> Result<Duration, ConfigError> {
+    fn duration(
+        &self,
+        value: Option<&Spanned<String>>,
+        default: Duration,
+        key: &str,
+    ) -> Result<Duration, ConfigError> {
         let Some(v) = value else { return Ok(default) };
         humantime::parse_duration(v.value.trim()).map_err(|e| {
-            self.err(v.line(), format!("{key}: {:?} is not a duration ({e}); write it like 30s, 5m or 24h", v.value))
+            self.err(
+                v.line(),
+                format!(
+                    "{key}: {:?} is not a duration ({e}); write it like 30s, 5m or 24h",
+                    v.value
+                ),
+            )
         })
     }
 
-    fn issuers(&self, raw: &Spanned<Vec<Spanned<RawIssuer>>>) -> Result<(Vec<Issuer>, HashMap<Arc<str>, usize>), ConfigError> {
+    fn issuers(
+        &self,
+        raw: &Spanned<Vec<Spanned<RawIssuer>>>,
+    ) -> Result<(Vec<Issuer>, IssuerIndex), ConfigError> {
         if raw.value.is_empty() {
             return Err(self.err(raw.line(), "issuers: list at least one token issuer (its url, and optionally jwks_uri or jwks_file)"));
         }
@@ -211,17 +259,29 @@ impl Compiler<'_> {
         let mut lines: HashMap<Arc<str>, u32> = HashMap::new();
         for entry in &raw.value {
             let line = entry.line();
-            let RawIssuer { url, jwks_uri, jwks_file } = &entry.value;
+            let RawIssuer {
+                url,
+                jwks_uri,
+                jwks_file,
+            } = &entry.value;
             let url_text = url.value.trim();
             if url_text.is_empty() {
-                return Err(self.err(url.line(), "issuers: url is empty; give the issuer's URL as it appears in its tokens' iss"));
+                return Err(self.err(
+                    url.line(),
+                    "issuers: url is empty; give the issuer's URL as it appears in its tokens' iss",
+                ));
             }
             let keys_from = match (jwks_uri, jwks_file) {
                 (Some(_), Some(f)) => {
-                    return Err(self.err(f.line(), format!("issuer {url_text}: give jwks_uri or jwks_file, not both")));
+                    return Err(self.err(
+                        f.line(),
+                        format!("issuer {url_text}: give jwks_uri or jwks_file, not both"),
+                    ));
                 }
                 (Some(uri), None) => {
-                    check_fetch_url(&uri.value).map_err(|why| self.err(uri.line(), format!("issuer {url_text}: jwks_uri {why}")))?;
+                    check_fetch_url(&uri.value).map_err(|why| {
+                        self.err(uri.line(), format!("issuer {url_text}: jwks_uri {why}"))
+                    })?;
                     KeysFrom::JwksUri(uri.value.clone())
                 }
                 (None, Some(file)) => KeysFrom::JwksFile(self.resolve(&file.value)),
@@ -238,7 +298,11 @@ impl Compiler<'_> {
             }
             lines.insert(name.clone(), line);
             index.insert(name.clone(), issuers.len());
-            issuers.push(Issuer { name, url: url_text.to_string(), keys_from });
+            issuers.push(Issuer {
+                name,
+                url: url_text.to_string(),
+                keys_from,
+            });
         }
         Ok((issuers, index))
     }
@@ -246,20 +310,41 @@ impl Compiler<'_> {
     fn key_settings(&self, raw: &RawConfig) -> Result<KeySettings, ConfigError> {
         let k = &raw.keys;
         let settings = KeySettings {
-            refresh_interval: self.duration(k.refresh_interval.as_ref(), Duration::from_secs(24 * 3600), "keys.refresh_interval")?,
-            min_refresh_interval: self.duration(k.min_refresh_interval.as_ref(), Duration::from_secs(30), "keys.min_refresh_interval")?,
-            fetch_timeout: self.duration(k.fetch_timeout.as_ref(), Duration::from_secs(5), "keys.fetch_timeout")?,
+            refresh_interval: self.duration(
+                k.refresh_interval.as_ref(),
+                Duration::from_secs(24 * 3600),
+                "keys.refresh_interval",
+            )?,
+            min_refresh_interval: self.duration(
+                k.min_refresh_interval.as_ref(),
+                Duration::from_secs(30),
+                "keys.min_refresh_interval",
+            )?,
+            fetch_timeout: self.duration(
+                k.fetch_timeout.as_ref(),
+                Duration::from_secs(5),
+                "keys.fetch_timeout",
+            )?,
             cache_dir: k.cache_dir.as_ref().map(|d| self.resolve(&d.value)),
         };
         let line_of = |v: &Option<Spanned<String>>| v.as_ref().map_or(0, |v| v.line());
         if settings.refresh_interval < Duration::from_secs(1) {
-            return Err(self.err(line_of(&k.refresh_interval), "keys.refresh_interval must be at least 1s"));
+            return Err(self.err(
+                line_of(&k.refresh_interval),
+                "keys.refresh_interval must be at least 1s",
+            ));
         }
         if settings.min_refresh_interval > settings.refresh_interval {
-            return Err(self.err(line_of(&k.min_refresh_interval), "keys.min_refresh_interval must not be longer than keys.refresh_interval"));
+            return Err(self.err(
+                line_of(&k.min_refresh_interval),
+                "keys.min_refresh_interval must not be longer than keys.refresh_interval",
+            ));
         }
         if settings.fetch_timeout.is_zero() || settings.fetch_timeout > Duration::from_secs(60) {
-            return Err(self.err(line_of(&k.fetch_timeout), "keys.fetch_timeout must be between 1ms and 60s"));
+            return Err(self.err(
+                line_of(&k.fetch_timeout),
+                "keys.fetch_timeout must be between 1ms and 60s",
+            ));
         }
         Ok(settings)
     }
@@ -274,7 +359,9 @@ impl Compiler<'_> {
                 }
                 let mut algorithms = Vec::new();
                 for name in &list.value {
-                    let alg = parse_algorithm(&name.value).map_err(|why| self.err(name.line(), format!("tokens.algorithms: {why}")))?;
+                    let alg = parse_algorithm(&name.value).map_err(|why| {
+                        self.err(name.line(), format!("tokens.algorithms: {why}"))
+                    })?;
                     if !algorithms.contains(&alg) {
                         algorithms.push(alg);
                     }
@@ -289,14 +376,33 @@ impl Compiler<'_> {
         let max_bytes = match &t.max_bytes {
             None => 8192,
             Some(v) if (512..=65536).contains(&v.value) => v.value,
-            Some(v) => return Err(self.err(v.line(), format!("tokens.max_bytes is {}; choose between 512 and 65536", v.value))),
+            Some(v) => {
+                return Err(self.err(
+                    v.line(),
+                    format!(
+                        "tokens.max_bytes is {}; choose between 512 and 65536",
+                        v.value
+                    ),
+                ));
+            }
         };
-        Ok(TokenSettings { algorithms, leeway, max_bytes })
+        Ok(TokenSettings {
+            algorithms,
+            leeway,
+            max_bytes,
+        })
     }
 
-    fn backends(&self, raw: &Spanned<Vec<Spanned<RawBackend>>>, registry: Option<&Registry>) -> Result<(Vec<Backend>, RouteTable), ConfigError> {
+    fn backends(
+        &self,
+        raw: &Spanned<Vec<Spanned<RawBackend>>>,
+        registry: Option<&Registry>,
+    ) -> Result<(Vec<Backend>, RouteTable), ConfigError> {
         if raw.value.is_empty() {
-            return Err(self.err(raw.line(), "backends: list at least one backend with its audience and routes"));
+            return Err(self.err(
+                raw.line(),
+                "backends: list at least one backend with its audience and routes",
+            ));
         }
         let mut backends: Vec<Backend> = Vec::new();
         let mut routes = Vec::new();
@@ -315,9 +421,14 @@ impl Compiler<'_> {
             let backend_service = b.backend_service.as_ref();
             let audience: Arc<str> = match (&b.audience, backend_service) {
                 (Some(a), None) if !a.value.trim().is_empty() => a.value.trim().into(),
-                (Some(a), None) => return Err(self.err(a.line(), format!("backend {name}: audience is empty"))),
+                (Some(a), None) => {
+                    return Err(self.err(a.line(), format!("backend {name}: audience is empty")));
+                }
                 (Some(a), Some(_)) => {
-                    return Err(self.err(a.line(), format!("backend {name}: give audience or backend_service, not both")));
+                    return Err(self.err(
+                        a.line(),
+                        format!("backend {name}: give audience or backend_service, not both"),
+                    ));
                 }
                 (None, Some(bs)) => {
                     let Some(registry) = registry else {
@@ -337,17 +448,32 @@ impl Compiler<'_> {
             }
             audiences.insert(audience.clone(), (name.to_string(), entry.line()));
             if b.routes.value.is_empty() {
-                return Err(self.err(b.routes.line(), format!("backend {name} has no routes; list the paths it serves")));
+                return Err(self.err(
+                    b.routes.line(),
+                    format!("backend {name} has no routes; list the paths it serves"),
+                ));
             }
             let backend_index = backends.len();
             for route in &b.routes.value {
                 if routes.len() >= MAX_ROUTES {
-                    return Err(self.err(route.line(), format!("more than {MAX_ROUTES} routes; group paths under prefixes")));
+                    return Err(self.err(
+                        route.line(),
+                        format!("more than {MAX_ROUTES} routes; group paths under prefixes"),
+                    ));
                 }
-                routes.push(self.route(route, backend_index, name, backend_service.map(|s| s.value.as_str()), registry)?);
+                routes.push(self.route(
+                    route,
+                    backend_index,
+                    name,
+                    backend_service.map(|s| s.value.as_str()),
+                    registry,
+                )?);
                 route_lines.push(route.line());
             }
-            backends.push(Backend { name: name.into(), audience });
+            backends.push(Backend {
+                name: name.into(),
+                audience,
+            });
         }
         let table = RouteTable::new(routes).map_err(|conflict| {
             let first = &raw_route_pattern(&raw.value, conflict.first);
@@ -359,7 +485,14 @@ impl Compiler<'_> {
         Ok((backends, table))
     }
 
-    fn route(&self, raw: &Spanned<RawRoute>, backend: usize, backend_name: &str, backend_service: Option<&str>, registry: Option<&Registry>) -> Result<Route, ConfigError> {
+    fn route(
+        &self,
+        raw: &Spanned<RawRoute>,
+        backend: usize,
+        backend_name: &str,
+        backend_service: Option<&str>,
+        registry: Option<&Registry>,
+    ) -> Result<Route, ConfigError> {
         let line = raw.line();
         let r = &raw.value;
         let pattern = match (&r.path, &r.prefix) {
@@ -396,8 +529,18 @@ impl Compiler<'_> {
                 None => None,
                 Some(h) => {
                     let header = h.value.trim().to_ascii_lowercase();
-                    if header.is_empty() || !header.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_') {
-                        return Err(self.err(h.line(), format!("route {pattern}: unit_primitive_header {:?} is not a header name", h.value)));
+                    if header.is_empty()
+                        || !header
+                            .bytes()
+                            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+                    {
+                        return Err(self.err(
+                            h.line(),
+                            format!(
+                                "route {pattern}: unit_primitive_header {:?} is not a header name",
+                                h.value
+                            ),
+                        ));
                     }
                     if registry.is_none() {
                         return Err(self.err(h.line(), format!("route {pattern}: unit_primitive_header needs the unit primitive registry to know which names are valid; set `unit_primitives:`")));
@@ -405,25 +548,55 @@ impl Compiler<'_> {
                     Some(header.into_boxed_str())
                 }
             };
-            Access::Token { require, unit_primitive_header }
+            Access::Token {
+                require,
+                unit_primitive_header,
+            }
         };
-        Ok(Route { pattern, methods, access, backend, line })
+        Ok(Route {
+            pattern,
+            methods,
+            access,
+            backend,
+            line,
+        })
     }
 
     fn route_path(&self, p: &Spanned<String>, key: &str) -> Result<String, ConfigError> {
         let value = p.value.as_str();
         match normalize_path(value) {
             Ok(n) if n == value && !value.contains(['?', '#']) => Ok(value.to_string()),
-            Ok(n) => Err(self.err(p.line(), format!("{key} {value:?} is not in normal form; write it as {n:?}"))),
-            Err(e) => Err(self.err(p.line(), format!("{key} {value:?}: {}", e.message().replace("the request path", "it")))),
+            Ok(n) => Err(self.err(
+                p.line(),
+                format!("{key} {value:?} is not in normal form; write it as {n:?}"),
+            )),
+            Err(e) => Err(self.err(
+                p.line(),
+                format!(
+                    "{key} {value:?}: {}",
+                    e.message().replace("the request path", "it")
+                ),
+            )),
         }
     }
 
-    fn check_unit_primitive(&self, name: &str, line: u32, pattern: &Pattern, backend_service: Option<&str>, registry: Option<&Registry>) -> Result<(), ConfigError> {
+    fn check_unit_primitive(
+        &self,
+        name: &str,
+        line: u32,
+        pattern: &Pattern,
+        backend_service: Option<&str>,
+        registry: Option<&Registry>,
+    ) -> Result<(), ConfigError> {
         if name.is_empty() {
-            return Err(self.err(line, format!("route {pattern}: an empty unit primitive name in require")));
+            return Err(self.err(
+                line,
+                format!("route {pattern}: an empty unit primitive name in require"),
+            ));
         }
-        let Some(registry) = registry else { return Ok(()) };
+        let Some(registry) = registry else {
+            return Ok(());
+        };
         if registry.unit_primitive(name).is_none() {
             return Err(self.err(line, format!("route {pattern} requires unknown unit primitive {name:?}; check its spelling against the registry")));
         }
@@ -465,16 +638,24 @@ pub fn parse_algorithm(name: &str) -> Result<Algorithm, String> {
         "ES384" => Algorithm::ES384,
         "EdDSA" => Algorithm::EdDSA,
         n if n.eq_ignore_ascii_case("none") || n.to_ascii_uppercase().starts_with("HS") => {
-            return Err(format!("{n:?} is never accepted: only asymmetric signatures (RS256, PS256, ES256, ...) prove who signed"));
+            return Err(format!(
+                "{n:?} is never accepted: only asymmetric signatures (RS256, PS256, ES256, ...) prove who signed"
+            ));
         }
-        n => return Err(format!("{n:?} is not a JWS algorithm this service knows; use RS256, RS384, RS512, PS256, PS384, PS512, ES256, ES384 or EdDSA")),
+        n => {
+            return Err(format!(
+                "{n:?} is not a JWS algorithm this service knows; use RS256, RS384, RS512, PS256, PS384, PS512, ES256, ES384 or EdDSA"
+            ));
+        }
     };
     Ok(alg)
 }
 
 /// Key and discovery URLs must be `https://`; `http://` only on loopback (tests, local work).
 pub fn check_fetch_url(url: &str) -> Result<(), String> {
-    let (scheme, rest) = url.split_once("://").ok_or_else(|| format!("{url:?} is not an absolute URL"))?;
+    let (scheme, rest) = url
+        .split_once("://")
+        .ok_or_else(|| format!("{url:?} is not an absolute URL"))?;
     let authority = rest.split(['/', '?', '#']).next().unwrap_or("");
     let host = authority.rsplit_once('@').map_or(authority, |(_, h)| h);
     let host = if let Some(v6) = host.strip_prefix('[') {
@@ -488,14 +669,18 @@ pub fn check_fetch_url(url: &str) -> Result<(), String> {
     match scheme.to_ascii_lowercase().as_str() {
         "https" => Ok(()),
         "http" if is_loopback(host) => Ok(()),
-        "http" => Err(format!("{url:?} uses plain http; use https (http is accepted only for loopback hosts)")),
+        "http" => Err(format!(
+            "{url:?} uses plain http; use https (http is accepted only for loopback hosts)"
+        )),
         _ => Err(format!("{url:?} is not an https URL")),
     }
 }
 
 fn is_loopback(host: &str) -> bool {
     host.eq_ignore_ascii_case("localhost")
-        || host.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback())
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
 }
 
 #[cfg(test)]

@@ -58,8 +58,14 @@ fn the_design_example_loads_with_its_values() {
     assert_eq!(c.listen.grpc.to_string(), "127.0.0.1:9191");
     assert_eq!(c.issuers.len(), 3);
     assert_eq!(c.issuers[0].keys_from, KeysFrom::Discovery);
-    assert_eq!(c.issuers[1].keys_from, KeysFrom::JwksUri("https://gitlab.com/oauth/discovery/keys".into()));
-    assert_eq!(c.issuers[2].keys_from, KeysFrom::JwksFile("/etc/connector-authz/jwks.json".into()));
+    assert_eq!(
+        c.issuers[1].keys_from,
+        KeysFrom::JwksUri("https://gitlab.com/oauth/discovery/keys".into())
+    );
+    assert_eq!(
+        c.issuers[2].keys_from,
+        KeysFrom::JwksFile("/etc/connector-authz/jwks.json".into())
+    );
     assert_eq!(c.keys.refresh_interval, Duration::from_secs(86_400));
     assert_eq!(c.keys.min_refresh_interval, Duration::from_secs(30));
     assert_eq!(c.tokens.algorithms, vec![Algorithm::RS256]);
@@ -67,7 +73,13 @@ fn the_design_example_loads_with_its_values() {
     assert_eq!(&*c.backends[0].audience, "gitlab-ai-gateway");
     assert_eq!(c.routes.routes().len(), 3);
     let chat = c.routes.find("/ai/v1/chat/agent", "POST").unwrap();
-    assert_eq!(chat.access, Access::Token { require: vec!["duo_chat".into()], unit_primitive_header: None });
+    assert_eq!(
+        chat.access,
+        Access::Token {
+            require: vec!["duo_chat".into()],
+            unit_primitive_header: None
+        }
+    );
     assert_eq!(chat.line, 29);
     assert!(c.routes.find("/ai/v1/chat/agent", "GET").is_none());
 }
@@ -75,7 +87,10 @@ fn the_design_example_loads_with_its_values() {
 #[test]
 fn issuers_are_found_with_or_without_a_trailing_slash() {
     let c = load(DESIGN_EXAMPLE).unwrap();
-    assert_eq!(&*c.issuer("https://customers.gitlab.com/").unwrap().name, "https://customers.gitlab.com");
+    assert_eq!(
+        &*c.issuer("https://customers.gitlab.com/").unwrap().name,
+        "https://customers.gitlab.com"
+    );
     assert!(c.issuer("https://customers.gitlab.com").is_some());
     assert!(c.issuer("https://customers.gitlab.com//").is_none());
     assert!(c.issuer("https://evil.example").is_none());
@@ -92,12 +107,17 @@ fn defaults_fill_what_is_left_out() {
 }
 
 fn with_route(route: &str) -> String {
-    format!("issuers:\n  - url: https://gitlab.com\nbackends:\n  - name: b\n    audience: a\n    routes:\n{route}")
+    format!(
+        "issuers:\n  - url: https://gitlab.com\nbackends:\n  - name: b\n    audience: a\n    routes:\n{route}"
+    )
 }
 
 #[test]
 fn unknown_keys_are_errors_at_their_line() {
-    let msg = error_at("issuers:\n  - url: https://gitlab.com\n    jwks_url: https://x\nbackends: []\n", 3);
+    let msg = error_at(
+        "issuers:\n  - url: https://gitlab.com\n    jwks_url: https://x\nbackends: []\n",
+        3,
+    );
     assert!(msg.contains("jwks_url"), "{msg}");
     error_at("listen:\n  grpc: 127.0.0.1:1\n  admn: 127.0.0.1:2\n", 3);
 }
@@ -105,28 +125,60 @@ fn unknown_keys_are_errors_at_their_line() {
 #[test]
 fn bad_values_name_their_line_and_the_fix() {
     let base = DESIGN_EXAMPLE;
-    let msg = error_at(&base.replace("refresh_interval: 24h", "refresh_interval: 24 hours please"), 13);
+    let msg = error_at(
+        &base.replace("refresh_interval: 24h", "refresh_interval: 24 hours please"),
+        13,
+    );
     assert!(msg.contains("30s, 5m or 24h"), "{msg}");
     let msg = error_at(&base.replace("grpc: 127.0.0.1:9191", "grpc: localhost"), 2);
     assert!(msg.contains("127.0.0.1:9191"), "{msg}");
-    let msg = error_at(&base.replace("algorithms: [RS256]", "algorithms: [RS256, HS256]"), 19);
+    let msg = error_at(
+        &base.replace("algorithms: [RS256]", "algorithms: [RS256, HS256]"),
+        19,
+    );
     assert!(msg.contains("never accepted"), "{msg}");
-    error_at(&base.replace("algorithms: [RS256]", "algorithms: [none]"), 19);
+    error_at(
+        &base.replace("algorithms: [RS256]", "algorithms: [none]"),
+        19,
+    );
     error_at(&base.replace("max_bytes: 8192", "max_bytes: 10"), 21);
     error_at(&base.replace("leeway: 30s", "leeway: 1h"), 20);
-    error_at(&base.replace("min_refresh_interval: 30s", "min_refresh_interval: 48h"), 14);
+    error_at(
+        &base.replace("min_refresh_interval: 30s", "min_refresh_interval: 48h"),
+        14,
+    );
 }
 
 #[test]
 fn issuer_urls_must_be_https_except_on_loopback() {
-    let msg = error_at("issuers:\n  - url: http://gitlab.example\nbackends: []\n", 2);
+    let msg = error_at(
+        "issuers:\n  - url: http://gitlab.example\nbackends: []\n",
+        2,
+    );
     assert!(msg.contains("https"), "{msg}");
-    error_at("issuers:\n  - url: https://a\n    jwks_uri: http://10.0.0.1/keys\nbackends: []\n", 3);
-    error_at("issuers:\n  - url: https://a\n    jwks_uri: https://a/k\n    jwks_file: k.json\nbackends: []\n", 4);
-    for ok in ["http://127.0.0.1:8080", "http://localhost:1", "http://[::1]:9/x", "https://gitlab.com"] {
+    error_at(
+        "issuers:\n  - url: https://a\n    jwks_uri: http://10.0.0.1/keys\nbackends: []\n",
+        3,
+    );
+    error_at(
+        "issuers:\n  - url: https://a\n    jwks_uri: https://a/k\n    jwks_file: k.json\nbackends: []\n",
+        4,
+    );
+    for ok in [
+        "http://127.0.0.1:8080",
+        "http://localhost:1",
+        "http://[::1]:9/x",
+        "https://gitlab.com",
+    ] {
         assert_eq!(check_fetch_url(ok), Ok(()), "{ok}");
     }
-    for bad in ["http://127.0.0.1.evil.com", "http://user@evil.com", "ftp://x", "gitlab.com", "https://"] {
+    for bad in [
+        "http://127.0.0.1.evil.com",
+        "http://user@evil.com",
+        "ftp://x",
+        "gitlab.com",
+        "https://",
+    ] {
         assert!(check_fetch_url(bad).is_err(), "{bad}");
     }
     // An issuer whose keys come from a file is only a name: it need not be a URL.
@@ -135,7 +187,10 @@ fn issuer_urls_must_be_https_except_on_loopback() {
 
 #[test]
 fn an_issuer_listed_twice_is_an_error() {
-    let msg = error_at("issuers:\n  - url: https://gitlab.com\n  - url: https://gitlab.com/\nbackends: []\n", 3);
+    let msg = error_at(
+        "issuers:\n  - url: https://gitlab.com\n  - url: https://gitlab.com/\nbackends: []\n",
+        3,
+    );
     assert!(msg.contains("line 2"), "{msg}");
 }
 
@@ -143,7 +198,10 @@ fn an_issuer_listed_twice_is_an_error() {
 fn a_route_needs_exactly_one_of_path_and_prefix() {
     let msg = error_at(&with_route("      - require: [x]\n"), 7);
     assert!(msg.contains("neither path nor prefix"), "{msg}");
-    let msg = error_at(&with_route("      - path: /a\n        prefix: /b/\n        require: [x]\n"), 7);
+    let msg = error_at(
+        &with_route("      - path: /a\n        prefix: /b/\n        require: [x]\n"),
+        7,
+    );
     assert!(msg.contains("both"), "{msg}");
 }
 
@@ -151,27 +209,53 @@ fn a_route_needs_exactly_one_of_path_and_prefix() {
 fn a_route_must_say_what_it_needs() {
     let msg = error_at(&with_route("      - prefix: /a/\n"), 7);
     assert!(msg.contains("public: true"), "{msg}");
-    error_at(&with_route("      - prefix: /a/\n        public: true\n        require: [x]\n"), 7);
-    let msg = error_at(&with_route("      - prefix: /a/\n        unit_primitive_header: x-gitlab-unit-primitive\n"), 8);
+    error_at(
+        &with_route("      - prefix: /a/\n        public: true\n        require: [x]\n"),
+        7,
+    );
+    let msg = error_at(
+        &with_route(
+            "      - prefix: /a/\n        unit_primitive_header: x-gitlab-unit-primitive\n",
+        ),
+        8,
+    );
     assert!(msg.contains("registry"), "{msg}");
-    let msg = error_at(&with_route("      - prefix: /a/\n        methods: [GET, FETCH]\n        require: [x]\n"), 8);
+    let msg = error_at(
+        &with_route("      - prefix: /a/\n        methods: [GET, FETCH]\n        require: [x]\n"),
+        8,
+    );
     assert!(msg.contains("FETCH"), "{msg}");
 }
 
 #[test]
 fn route_paths_must_be_in_normal_form() {
-    let msg = error_at(&with_route("      - prefix: /a/../b/\n        require: [x]\n"), 7);
+    let msg = error_at(
+        &with_route("      - prefix: /a/../b/\n        require: [x]\n"),
+        7,
+    );
     assert!(msg.contains("\"/b/\""), "{msg}");
-    error_at(&with_route("      - path: relative\n        require: [x]\n"), 7);
-    error_at(&with_route("      - path: /a?x=1\n        require: [x]\n"), 7);
-    error_at(&with_route("      - prefix: /a%2fb/\n        require: [x]\n"), 7);
+    error_at(
+        &with_route("      - path: relative\n        require: [x]\n"),
+        7,
+    );
+    error_at(
+        &with_route("      - path: /a?x=1\n        require: [x]\n"),
+        7,
+    );
+    error_at(
+        &with_route("      - prefix: /a%2fb/\n        require: [x]\n"),
+        7,
+    );
 }
 
 #[test]
 fn a_path_claimed_twice_is_an_error_naming_both_lines() {
     let routes = "      - prefix: /ai/\n        require: [a]\n      - path: /ai/x\n        methods: [GET]\n        require: [a]\n      - path: /ai/x\n        require: [b]\n";
     let msg = error_at(&with_route(routes), 12);
-    assert!(msg.contains("path /ai/x") && msg.contains("line 9"), "{msg}");
+    assert!(
+        msg.contains("path /ai/x") && msg.contains("line 9"),
+        "{msg}"
+    );
     // Different methods for the same path are two routes, not a conflict.
     let split = "      - path: /ai/x\n        methods: [GET]\n        require: [a]\n      - path: /ai/x\n        methods: [POST]\n        require: [b]\n";
     assert!(load(&with_route(split)).is_ok());
@@ -186,15 +270,26 @@ fn a_path_claimed_by_two_backends_is_an_error() {
 #[test]
 fn backends_need_distinct_names_and_audiences() {
     let two = |n2: &str, a2: &str| {
-        format!("issuers: [{{url: https://gitlab.com}}]\nbackends:\n  - name: a\n    audience: aud\n    routes: [{{prefix: /a/, require: []}}]\n  - name: {n2}\n    audience: {a2}\n    routes: [{{prefix: /b/, require: []}}]\n")
+        format!(
+            "issuers: [{{url: https://gitlab.com}}]\nbackends:\n  - name: a\n    audience: aud\n    routes: [{{prefix: /a/, require: []}}]\n  - name: {n2}\n    audience: {a2}\n    routes: [{{prefix: /b/, require: []}}]\n"
+        )
     };
     let msg = error_at(&two("b", "aud"), 6);
     assert!(msg.contains("same audience"), "{msg}");
     let msg = error_at(&two("a", "other"), 6);
     assert!(msg.contains("twice"), "{msg}");
-    error_at("issuers: [{url: https://gitlab.com}]\nbackends:\n  - name: a\n    routes: [{prefix: /a/, require: []}]\n", 3);
-    error_at("issuers: [{url: https://gitlab.com}]\nbackends:\n  - name: a\n    audience: x\n    backend_service: ai_gateway\n    routes: [{prefix: /a/, require: []}]\n", 4);
-    error_at("issuers: [{url: https://gitlab.com}]\nbackends:\n  - name: a\n    audience: x\n    routes: []\n", 5);
+    error_at(
+        "issuers: [{url: https://gitlab.com}]\nbackends:\n  - name: a\n    routes: [{prefix: /a/, require: []}]\n",
+        3,
+    );
+    error_at(
+        "issuers: [{url: https://gitlab.com}]\nbackends:\n  - name: a\n    audience: x\n    backend_service: ai_gateway\n    routes: [{prefix: /a/, require: []}]\n",
+        4,
+    );
+    error_at(
+        "issuers: [{url: https://gitlab.com}]\nbackends:\n  - name: a\n    audience: x\n    routes: []\n",
+        5,
+    );
 }
 
 #[test]
@@ -209,7 +304,11 @@ fn empty_lists_and_missing_sections_are_errors() {
 fn yaml_bombs_and_deep_nesting_are_refused_quickly() {
     let mut bomb = String::from("a: &a [x, x, x, x, x, x, x, x, x, x]\n");
     for i in 0..12 {
-        let prev = if i == 0 { "a".to_string() } else { format!("b{}", i - 1) };
+        let prev = if i == 0 {
+            "a".to_string()
+        } else {
+            format!("b{}", i - 1)
+        };
         bomb.push_str(&format!("b{i}: &b{i} [*{prev}, *{prev}, *{prev}, *{prev}, *{prev}, *{prev}, *{prev}, *{prev}, *{prev}, *{prev}]\n"));
     }
     assert!(load(&bomb).is_err());
@@ -220,5 +319,8 @@ fn yaml_bombs_and_deep_nesting_are_refused_quickly() {
 #[test]
 fn an_unreadable_file_is_a_clear_error() {
     let err = Config::load(Path::new("/nonexistent/connector-authz.yaml")).unwrap_err();
-    assert!(err.to_string().contains("cannot read the configuration"), "{err}");
+    assert!(
+        err.to_string().contains("cannot read the configuration"),
+        "{err}"
+    );
 }

@@ -61,7 +61,11 @@ pub struct KeySet {
 
 impl KeySet {
     pub fn new(keys: Vec<VerifyingKey>, source: KeySource, loaded_at: SystemTime) -> Self {
-        Self { keys, source, loaded_at }
+        Self {
+            keys,
+            source,
+            loaded_at,
+        }
     }
 
     /// The key with this `kid`. Key sets are small (a handful of keys), so a scan beats a map.
