@@ -18,6 +18,7 @@ use jsonwebtoken::Algorithm;
 pub use error::ConfigError;
 
 use crate::keys::canonical_issuer;
+use crate::keys::fetch::check_url;
 use crate::registry::Registry;
 use crate::route::{Access, Methods, Pattern, Route, RouteTable, normalize_path};
 use raw::{RawBackend, RawConfig, RawIssuer, RawRoute, Spanned};
@@ -279,14 +280,14 @@ impl Compiler<'_> {
                     ));
                 }
                 (Some(uri), None) => {
-                    check_fetch_url(&uri.value).map_err(|why| {
+                    check_url(&uri.value).map_err(|why| {
                         self.err(uri.line(), format!("issuer {url_text}: jwks_uri {why}"))
                     })?;
                     KeysFrom::JwksUri(uri.value.clone())
                 }
                 (None, Some(file)) => KeysFrom::JwksFile(self.resolve(&file.value)),
                 (None, None) => {
-                    check_fetch_url(url_text).map_err(|why| {
+                    check_url(url_text).map_err(|why| {
                         self.err(url.line(), format!("issuer {url_text}: url {why} (or give a jwks_file for an issuer without discovery)"))
                     })?;
                     KeysFrom::Discovery
@@ -649,38 +650,6 @@ pub fn parse_algorithm(name: &str) -> Result<Algorithm, String> {
         }
     };
     Ok(alg)
-}
-
-/// Key and discovery URLs must be `https://`; `http://` only on loopback (tests, local work).
-pub fn check_fetch_url(url: &str) -> Result<(), String> {
-    let (scheme, rest) = url
-        .split_once("://")
-        .ok_or_else(|| format!("{url:?} is not an absolute URL"))?;
-    let authority = rest.split(['/', '?', '#']).next().unwrap_or("");
-    let host = authority.rsplit_once('@').map_or(authority, |(_, h)| h);
-    let host = if let Some(v6) = host.strip_prefix('[') {
-        v6.split(']').next().unwrap_or("")
-    } else {
-        host.rsplit_once(':').map_or(host, |(h, _)| h)
-    };
-    if host.is_empty() {
-        return Err(format!("{url:?} has no host"));
-    }
-    match scheme.to_ascii_lowercase().as_str() {
-        "https" => Ok(()),
-        "http" if is_loopback(host) => Ok(()),
-        "http" => Err(format!(
-            "{url:?} uses plain http; use https (http is accepted only for loopback hosts)"
-        )),
-        _ => Err(format!("{url:?} is not an https URL")),
-    }
-}
-
-fn is_loopback(host: &str) -> bool {
-    host.eq_ignore_ascii_case("localhost")
-        || host
-            .parse::<std::net::IpAddr>()
-            .is_ok_and(|ip| ip.is_loopback())
 }
 
 #[cfg(test)]
