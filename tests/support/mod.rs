@@ -1,6 +1,6 @@
 //! Helpers shared by the integration tests: fixed signing keys, claims, a fake issuer.
 // Each test binary compiles this module on its own and uses only part of it.
-#![allow(dead_code)]
+#![allow(dead_code, unused_imports)]
 
 pub mod issuer;
 
