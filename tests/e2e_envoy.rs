@@ -589,10 +589,10 @@ async fn ext_authz_sees_the_normalized_path_before_the_rewrite() {
     let echo = stack.get("/ai/monitoring/health", &[]).await.echoed();
     assert_eq!(echo["path"], "/monitoring/health", "{echo}");
 
-    // Normalized first ("//" merged, "." and ".." resolved), then authorized: this path
+    // Normalized first ("." and ".." resolved, "//" merged), then authorized: this path
     // is authorized as /ai/monitoring/health, not as a code suggestions path.
     let echo = stack
-        .get("/ai/v2//code/./../../monitoring/health", &[])
+        .get("/ai/v2/code/./../../monitoring/health", &[])
         .await
         .echoed();
     assert_eq!(echo["path"], "/monitoring/health", "{echo}");
@@ -631,11 +631,14 @@ async fn missing_forged_and_expired_tokens_get_401_with_a_challenge() {
         let parts: Vec<&str> = good.split('.').collect();
         format!("{}.{}.{}", parts[0], b64(&more), parts[2])
     };
-    let alg_none = format!(
-        "{}.{}.",
+    // alg none, as the spec writes it (empty signature) and with a signature appended.
+    let unsigned = format!(
+        "{}.{}",
         b64(&json!({"alg": "none", "typ": "JWT", "kid": "test-key-1"})),
         b64(&valid_claims)
     );
+    let alg_none = format!("{unsigned}.");
+    let alg_none_signed = format!("{unsigned}.{}", good.rsplit('.').next().unwrap_or_default());
     let expired = token_with(&iss, &["code_suggestions"], |c| {
         let past = now() - 7200;
         c["iat"] = json!(past);
@@ -649,7 +652,12 @@ async fn missing_forged_and_expired_tokens_get_401_with_a_challenge() {
     for (case, token, reason) in [
         ("another key", &other_key, "bad_signature"),
         ("tampered payload", &tampered, "bad_signature"),
-        ("alg none", &alg_none, "unsupported_algorithm"),
+        ("alg none, no signature", &alg_none, "malformed_token"),
+        (
+            "alg none, signed",
+            &alg_none_signed,
+            "unsupported_algorithm",
+        ),
         ("expired", &expired, "expired"),
     ] {
         let reply = stack.get_with(path, token, &[]).await;
@@ -748,6 +756,10 @@ async fn connector_authz_down_gives_503_and_envoy_recovers_when_it_is_back() {
             "an outage is not a challenge: {reply:?}"
         );
     }
+
+    // Outside Envoy's routes connector-authz is never asked: 404, not 503, even now.
+    let reply = stack.get_with("/elsewhere", &token, &[]).await;
+    assert_eq!(reply.status, 404, "{reply:?}");
 
     stack.start_authz().await;
     let deadline = Instant::now() + WAIT;
