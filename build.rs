@@ -52,9 +52,11 @@ fn embed_registry() -> io::Result<()> {
     files.sort();
     let mut out = String::from("&[\n");
     for (relative, absolute) in &files {
-        writeln!(out, "    ({relative:?}, include_str!({absolute:?})),").map_err(io::Error::other)?;
+        writeln!(out, "    ({relative:?}, include_str!({absolute:?})),")
+            .map_err(io::Error::other)?;
     }
     out.push_str("]\n");
-    let dest = Path::new(&std::env::var("OUT_DIR").map_err(io::Error::other)?).join("embedded_registry.rs");
+    let dest = Path::new(&std::env::var("OUT_DIR").map_err(io::Error::other)?)
+        .join("embedded_registry.rs");
     std::fs::write(dest, out)
 }

@@ -12,12 +12,17 @@ use serde_json::json;
 use crate::config::Config;
 use crate::dev::DevKey;
 use crate::proto::envoy::service::auth::v3::{
-    AttributeContext, CheckRequest, attribute_context, authorization_client::AuthorizationClient, check_response,
+    AttributeContext, CheckRequest, attribute_context, authorization_client::AuthorizationClient,
+    check_response,
 };
 use crate::route::Access;
 
 #[derive(Parser, Debug)]
-#[command(name = "connector-authz", version, about = "Envoy ext_authz sidecar for GitLab Cloud Connector service tokens")]
+#[command(
+    name = "connector-authz",
+    version,
+    about = "Envoy ext_authz sidecar for GitLab Cloud Connector service tokens"
+)]
 pub struct Cli {
     /// Log format.
     #[arg(long, value_enum, default_value_t = LogFormat::Text, global = true)]
@@ -132,14 +137,15 @@ async fn shutdown_signal() {
     let ctrl_c = tokio::signal::ctrl_c();
     #[cfg(unix)]
     {
-        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(term) => term,
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot listen for SIGTERM; stop with Ctrl-C");
-                let _ = ctrl_c.await;
-                return;
-            }
-        };
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(term) => term,
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot listen for SIGTERM; stop with Ctrl-C");
+                    let _ = ctrl_c.await;
+                    return;
+                }
+            };
         tokio::select! {
             _ = ctrl_c => {}
             _ = term.recv() => {}
@@ -161,7 +167,10 @@ fn check_config(path: &Path) -> anyhow::Result<ExitCode> {
         config.routes.routes().len()
     );
     for issuer in &config.issuers {
-        out.push_str(&format!("  issuer {} keys from {:?}\n", issuer.name, issuer.keys_from));
+        out.push_str(&format!(
+            "  issuer {} keys from {:?}\n",
+            issuer.name, issuer.keys_from
+        ));
     }
     out.push('\n');
     out.push_str(&route_table(&config));
@@ -173,13 +182,27 @@ fn check_config(path: &Path) -> anyhow::Result<ExitCode> {
 /// (audience), what it needs, and for each unit primitive its free-until date and
 /// minimum GitLab version from the registry.
 pub fn route_table(config: &Config) -> String {
-    let mut rows = vec![["ROUTE".to_string(), "METHODS".into(), "BACKEND (AUDIENCE)".into(), "NEEDS".into(), "FREE UNTIL".into(), "MIN GITLAB".into()]];
+    let mut rows = vec![[
+        "ROUTE".to_string(),
+        "METHODS".into(),
+        "BACKEND (AUDIENCE)".into(),
+        "NEEDS".into(),
+        "FREE UNTIL".into(),
+        "MIN GITLAB".into(),
+    ]];
     for route in config.routes.routes() {
         let backend = &config.backends[route.backend];
-        let methods = if route.methods == crate::route::Methods::ANY { "any".to_string() } else { route.methods.names().join(",") };
+        let methods = if route.methods == crate::route::Methods::ANY {
+            "any".to_string()
+        } else {
+            route.methods.names().join(",")
+        };
         let (needs, names): (String, Vec<&str>) = match &route.access {
             Access::Public => ("public".into(), vec![]),
-            Access::Token { require, unit_primitive_header } => {
+            Access::Token {
+                require,
+                unit_primitive_header,
+            } => {
                 let mut needs: Vec<String> = require.iter().map(|r| r.to_string()).collect();
                 if let Some(h) = unit_primitive_header {
                     needs.push(format!("<{h}>"));
@@ -194,9 +217,18 @@ pub fn route_table(config: &Config) -> String {
         let detail = |f: &dyn Fn(&crate::registry::UnitPrimitive) -> Option<String>| {
             let values: Vec<String> = names
                 .iter()
-                .map(|n| registry.and_then(|r| r.unit_primitive(n)).and_then(f).unwrap_or_else(|| "-".into()))
+                .map(|n| {
+                    registry
+                        .and_then(|r| r.unit_primitive(n))
+                        .and_then(f)
+                        .unwrap_or_else(|| "-".into())
+                })
                 .collect();
-            if values.is_empty() { "-".to_string() } else { values.join(" ") }
+            if values.is_empty() {
+                "-".to_string()
+            } else {
+                values.join(" ")
+            }
         };
         rows.push([
             route.pattern.to_string(),
@@ -207,10 +239,16 @@ pub fn route_table(config: &Config) -> String {
             detail(&|up| up.min_gitlab_version.as_ref().map(|v| v.to_string())),
         ]);
     }
-    let widths: Vec<usize> = (0..6).map(|c| rows.iter().map(|r| r[c].len()).max().unwrap_or(0)).collect();
+    let widths: Vec<usize> = (0..6)
+        .map(|c| rows.iter().map(|r| r[c].len()).max().unwrap_or(0))
+        .collect();
     let mut out = String::new();
     for row in rows {
-        let line: Vec<String> = row.iter().zip(&widths).map(|(cell, w)| format!("{cell:<w$}")).collect();
+        let line: Vec<String> = row
+            .iter()
+            .zip(&widths)
+            .map(|(cell, w)| format!("{cell:<w$}"))
+            .collect();
         out.push_str(line.join("  ").trim_end());
         out.push('\n');
     }
@@ -218,9 +256,13 @@ pub fn route_table(config: &Config) -> String {
 }
 
 fn mint(args: MintArgs) -> anyhow::Result<ExitCode> {
-    let pem = std::fs::read_to_string(&args.key).map_err(|e| anyhow::anyhow!("cannot read {}: {e}", args.key.display()))?;
+    let pem = std::fs::read_to_string(&args.key)
+        .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", args.key.display()))?;
     let key = DevKey::from_pkcs8_pem(&pem, args.kid.clone())?;
-    let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_secs();
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_secs();
     let mut claims = json!({
         "iss": args.iss,
         "aud": args.aud,
@@ -298,7 +340,10 @@ async fn check(args: CheckArgs) -> anyhow::Result<ExitCode> {
 pub fn print_out(text: &str) -> std::io::Result<()> {
     use std::io::Write as _;
     let mut stdout = std::io::stdout().lock();
-    match stdout.write_all(text.as_bytes()).and_then(|()| stdout.flush()) {
+    match stdout
+        .write_all(text.as_bytes())
+        .and_then(|()| stdout.flush())
+    {
         Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
         other => other,
     }

@@ -12,7 +12,8 @@ use crate::config::{Config, ConfigError};
 use crate::dev::DevKey;
 
 const DEV_CONFIG: &str = include_str!("../config/dev.yaml");
-const EMBEDDED_REGISTRY: &[(&str, &str)] = include!(concat!(env!("OUT_DIR"), "/embedded_registry.rs"));
+const EMBEDDED_REGISTRY: &[(&str, &str)] =
+    include!(concat!(env!("OUT_DIR"), "/embedded_registry.rs"));
 
 /// The dev issuer's name, as its tokens' `iss`.
 pub const DEV_ISSUER: &str = "connector-authz-dev";
@@ -40,7 +41,10 @@ pub fn prepare_in(dir: &Path) -> anyhow::Result<DevSetup> {
     let key = DevKey::generate(DEV_KID)?;
     let key_file = dir.join("dev-key.pem");
     write_private(&key_file, key.to_pkcs8_pem()?.as_bytes())?;
-    std::fs::write(dir.join("jwks.json"), serde_json::to_vec_pretty(&DevKey::key_set_json(&[&key]))?)?;
+    std::fs::write(
+        dir.join("jwks.json"),
+        serde_json::to_vec_pretty(&DevKey::key_set_json(&[&key]))?,
+    )?;
     for (relative, contents) in EMBEDDED_REGISTRY {
         let path = dir.join("cloud_connector").join(relative);
         if let Some(parent) = path.parent() {
@@ -50,11 +54,25 @@ pub fn prepare_in(dir: &Path) -> anyhow::Result<DevSetup> {
     }
     let text = DEV_CONFIG.replace("${DEV_DIR}", &dir.display().to_string());
     std::fs::write(dir.join("dev.yaml"), &text)?;
-    let config = Config::from_yaml(&text, &dir.join("dev.yaml")).map_err(|e: ConfigError| anyhow::anyhow!("the embedded dev configuration is invalid: {e}"))?;
-    let scopes = vec!["complete_code", "generate_code", "duo_chat", "documentation_search", "include_file_context"];
+    let config = Config::from_yaml(&text, &dir.join("dev.yaml")).map_err(|e: ConfigError| {
+        anyhow::anyhow!("the embedded dev configuration is invalid: {e}")
+    })?;
+    let scopes = vec![
+        "complete_code",
+        "generate_code",
+        "duo_chat",
+        "documentation_search",
+        "include_file_context",
+    ];
     let audience = config.backends[0].audience.to_string();
     let token = key.sign(&dev_claims(&audience, &scopes, SystemTime::now()));
-    Ok(DevSetup { config, dir: dir.to_path_buf(), key_file, token, scopes })
+    Ok(DevSetup {
+        config,
+        dir: dir.to_path_buf(),
+        key_file,
+        token,
+        scopes,
+    })
 }
 
 fn dev_claims(audience: &str, scopes: &[&str], now: SystemTime) -> serde_json::Value {
@@ -77,7 +95,12 @@ fn write_private(path: &Path, contents: &[u8]) -> std::io::Result<()> {
     #[cfg(unix)]
     {
         use std::os::unix::fs::OpenOptionsExt as _;
-        let mut file = std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(path)?;
+        let mut file = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(path)?;
         file.write_all(contents)
     }
     #[cfg(not(unix))]

@@ -21,9 +21,9 @@ use tonic_health::ServingStatus;
 use crate::config::{Config, KeysFrom};
 use crate::decide::Snapshot;
 use crate::grpc::AuthzService;
+use crate::keys::KeySnapshot;
 use crate::keys::fetch::{FetchError, HttpFetcher, IssuerSource, fetch_key_set, load_key_file};
 use crate::keys::jwks::{KeyLimits, ParsedKeySet};
-use crate::keys::KeySnapshot;
 
 /// The gRPC service name that health checks ask about, besides the server as a whole ("").
 const AUTHZ_SERVICE_NAME: &str = "envoy.service.auth.v3.Authorization";
@@ -60,7 +60,10 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
     let admin_addr = admin_listener.local_addr()?;
 
     let keys = load_keys_once(&config).await;
-    let snapshot = Arc::new(ArcSwap::from_pointee(Snapshot::new(Arc::new(config), Arc::new(keys))));
+    let snapshot = Arc::new(ArcSwap::from_pointee(Snapshot::new(
+        Arc::new(config),
+        Arc::new(keys),
+    )));
     let (stop, stopped) = watch::channel(false);
 
     let (health, health_service) = tonic_health::server::health_reporter();
@@ -79,9 +82,12 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
             let result = tonic::transport::Server::builder()
                 .add_service(health_service)
                 .add_service(authz)
-                .serve_with_incoming_shutdown(TcpIncoming::from(grpc_listener).with_nodelay(Some(true)), async move {
-                    let _ = stopped.wait_for(|s| *s).await;
-                })
+                .serve_with_incoming_shutdown(
+                    TcpIncoming::from(grpc_listener).with_nodelay(Some(true)),
+                    async move {
+                        let _ = stopped.wait_for(|s| *s).await;
+                    },
+                )
                 .await;
             if let Err(e) = result {
                 tracing::error!(error = %e, "the gRPC server stopped with an error");
@@ -195,7 +201,14 @@ fn admin_router(snapshot: Arc<ArcSwap<Snapshot>>) -> Router {
 
 async fn readyz(State(snapshot): State<Arc<ArcSwap<Snapshot>>>) -> impl IntoResponse {
     let missing = missing_issuers(&snapshot.load());
-    let status = if missing.is_empty() { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+    let status = if missing.is_empty() {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
     let missing: Vec<&str> = missing.iter().map(|m| &**m).collect();
-    (status, Json(serde_json::json!({ "ready": missing.is_empty(), "issuers_without_keys": missing })))
+    (
+        status,
+        Json(serde_json::json!({ "ready": missing.is_empty(), "issuers_without_keys": missing })),
+    )
 }
