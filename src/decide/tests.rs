@@ -1,1 +1,388 @@
+//! `decide` against a fixed snapshot: one case per row of the decision table, no network.
 
+use std::path::Path;
+use std::time::{Duration, UNIX_EPOCH};
+
+use serde_json::{Value, json};
+
+use super::*;
+use crate::dev::DevKey;
+use crate::keys::KeySource;
+use crate::keys::jwks::{KeyLimits, parse_key_set};
+
+const NOW: u64 = 1_800_000_000;
+const ISS: &str = "https://customers.gitlab.com";
+const AUD: &str = "gitlab-ai-gateway";
+const INSTANCE: &str = "instance-1";
+
+fn key(n: usize) -> DevKey {
+    let pem = [
+        include_str!("../../tests/fixtures/keys/test-rsa-2048-1.pem"),
+        include_str!("../../tests/fixtures/keys/test-rsa-2048-2.pem"),
+    ][n - 1];
+    DevKey::from_pkcs8_pem(pem, format!("k{n}")).unwrap()
+}
+
+fn snapshot() -> Snapshot {
+    let registry = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/cloud_connector");
+    let yaml = format!(
+        "issuers:
+  - url: {ISS}/
+  - url: https://gitlab.com
+  - url: {AUD}
+    jwks_file: unused.json
+unit_primitives: {}
+enforce_min_version: true
+backends:
+  - name: ai_gateway
+    backend_service: ai_gateway
+    routes:
+      - prefix: /ai/v2/code/
+        require: [complete_code]
+      - prefix: /ai/v1/proxy/
+        unit_primitive_header: x-gitlab-unit-primitive
+      - prefix: /ai/monitoring/
+        public: true
+",
+        registry.display()
+    );
+    let config = Config::from_yaml(&yaml, Path::new("/test/config.yaml")).unwrap();
+    let keys_of = |k: &DevKey| {
+        let jwks = DevKey::key_set_json(&[k]).to_string();
+        Arc::new(
+            parse_key_set(
+                jwks.as_bytes(),
+                KeySource::File,
+                UNIX_EPOCH,
+                &KeyLimits::default(),
+            )
+            .unwrap()
+            .key_set,
+        )
+    };
+    // gitlab.com has no keys: its tokens meet keys_unavailable.
+    let keys = KeySnapshot::default()
+        .with_issuer(ISS.into(), keys_of(&key(1)))
+        .with_issuer(AUD.into(), keys_of(&key(2)));
+    Snapshot::new(Arc::new(config), Arc::new(keys))
+}
+
+fn claims() -> Value {
+    json!({
+        "iss": ISS, "aud": AUD, "sub": INSTANCE, "exp": NOW + 600, "iat": NOW - 5, "nbf": NOW - 5,
+        "scopes": ["complete_code", "explain_vulnerability"],
+        "gitlab_realm": "self-managed", "gitlab_instance_id": INSTANCE,
+    })
+}
+
+fn change(mut v: Value, changes: Value) -> Value {
+    for (k, x) in changes.as_object().unwrap() {
+        if x.is_null() {
+            v.as_object_mut().unwrap().remove(k);
+        } else {
+            v[k] = x.clone();
+        }
+    }
+    v
+}
+
+/// Decides a POST to `path` with the headers a GitLab instance sends, overridden by `extra`
+/// (an empty value removes the header).
+fn decide_with(path: &str, token: Option<&str>, extra: &[(&str, &str)]) -> Decision {
+    let mut headers: Vec<(String, String)> = vec![
+        ("x-gitlab-realm".into(), "self-managed".into()),
+        ("x-gitlab-instance-id".into(), INSTANCE.into()),
+        ("x-gitlab-version".into(), "17.5.0".into()),
+    ];
+    if let Some(t) = token {
+        headers.push(("authorization".into(), format!("Bearer {t}")));
+    }
+    for (k, v) in extra {
+        headers.retain(|(name, _)| name != k);
+        if !v.is_empty() {
+            headers.push((k.to_string(), v.to_string()));
+        }
+    }
+    let req = Request {
+        method: "POST",
+        path,
+        headers: &headers,
+    };
+    decide(&snapshot(), &req, UNIX_EPOCH + Duration::from_secs(NOW))
+}
+
+fn reason(d: &Decision) -> &'static str {
+    d.reason().map_or("allow", DenyReason::as_str)
+}
+
+fn b64url(s: &str) -> String {
+    use base64::Engine;
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(s)
+}
+
+const CODE: &str = "/ai/v2/code/completions";
+
+#[test]
+fn each_row_of_the_decision_table() {
+    let good = key(1).sign(&claims());
+    let signed = |c: Value| key(1).sign(&c);
+    let mut tampered: Vec<String> = good.split('.').map(str::to_string).collect();
+    tampered[1] =
+        b64url(&change(claims(), json!({"scopes": ["complete_code", "duo_chat"]})).to_string());
+    let tampered = tampered.join(".");
+    let none = format!(
+        "{}.{}.c2ln",
+        b64url(r#"{"alg":"none"}"#),
+        b64url(&claims().to_string())
+    );
+    let unknown_kid = DevKey::from_pkcs8_pem(
+        include_str!("../../tests/fixtures/keys/test-rsa-2048-1.pem"),
+        "other",
+    )
+    .unwrap()
+    .sign(&claims());
+    let user = key(2).sign(&json!({"iss": AUD, "aud": AUD, "sub": "user-7", "exp": NOW + 60, "scopes": ["complete_code"]}));
+    let proxy = "/ai/v1/proxy/x";
+    let cases: Vec<(&str, Decision, &str)> = vec![
+        ("valid", decide_with(CODE, Some(&good), &[]), "allow"),
+        (
+            "bad path",
+            decide_with("/ai/v2/code%2Fx", Some(&good), &[]),
+            "bad_path",
+        ),
+        (
+            "no route",
+            decide_with("/elsewhere", Some(&good), &[]),
+            "no_route",
+        ),
+        (
+            "public",
+            decide_with("/ai/monitoring/ping", None, &[]),
+            "allow",
+        ),
+        (
+            "dot segments reach no public route",
+            decide_with("/ai/monitoring/../v2/code/x", None, &[]),
+            "missing_token",
+        ),
+        (
+            "missing token",
+            decide_with(CODE, None, &[]),
+            "missing_token",
+        ),
+        (
+            "malformed token",
+            decide_with(CODE, Some("abc"), &[]),
+            "malformed_token",
+        ),
+        (
+            "alg none",
+            decide_with(CODE, Some(&none), &[]),
+            "unsupported_algorithm",
+        ),
+        (
+            "unknown issuer",
+            decide_with(
+                CODE,
+                Some(&signed(change(
+                    claims(),
+                    json!({"iss": "https://evil.test"}),
+                ))),
+                &[],
+            ),
+            "unknown_issuer",
+        ),
+        (
+            "keys unavailable",
+            decide_with(
+                CODE,
+                Some(&signed(change(
+                    claims(),
+                    json!({"iss": "https://gitlab.com"}),
+                ))),
+                &[],
+            ),
+            "keys_unavailable",
+        ),
+        (
+            "unknown key",
+            decide_with(CODE, Some(&unknown_kid), &[]),
+            "unknown_key",
+        ),
+        (
+            "bad signature",
+            decide_with(CODE, Some(&tampered), &[]),
+            "bad_signature",
+        ),
+        (
+            "expired",
+            decide_with(
+                CODE,
+                Some(&signed(change(claims(), json!({"exp": NOW - 31})))),
+                &[],
+            ),
+            "expired",
+        ),
+        (
+            "within leeway",
+            decide_with(
+                CODE,
+                Some(&signed(change(claims(), json!({"exp": NOW - 29})))),
+                &[],
+            ),
+            "allow",
+        ),
+        (
+            "not yet valid",
+            decide_with(
+                CODE,
+                Some(&signed(change(claims(), json!({"nbf": NOW + 31})))),
+                &[],
+            ),
+            "not_yet_valid",
+        ),
+        (
+            "wrong audience",
+            decide_with(
+                CODE,
+                Some(&signed(change(claims(), json!({"aud": ["other"]})))),
+                &[],
+            ),
+            "wrong_audience",
+        ),
+        (
+            "realm header",
+            decide_with(CODE, Some(&good), &[("x-gitlab-realm", "saas")]),
+            "header_mismatch",
+        ),
+        (
+            "instance header",
+            decide_with(CODE, Some(&good), &[("x-gitlab-instance-id", "")]),
+            "header_mismatch",
+        ),
+        (
+            "authentication type",
+            decide_with(
+                CODE,
+                Some(&good),
+                &[("x-gitlab-authentication-type", "pat")],
+            ),
+            "header_mismatch",
+        ),
+        (
+            "user token, matching user",
+            decide_with(CODE, Some(&user), &[("x-gitlab-global-user-id", "user-7")]),
+            "allow",
+        ),
+        (
+            "user token, other user",
+            decide_with(CODE, Some(&user), &[("x-gitlab-global-user-id", "user-8")]),
+            "header_mismatch",
+        ),
+        (
+            "insufficient scope",
+            decide_with(
+                CODE,
+                Some(&signed(change(claims(), json!({"scopes": ["duo_chat"]})))),
+                &[],
+            ),
+            "insufficient_scope",
+        ),
+        (
+            "unit primitive header missing",
+            decide_with(proxy, Some(&good), &[]),
+            "bad_unit_primitive",
+        ),
+        (
+            "unit primitive header unknown",
+            decide_with(proxy, Some(&good), &[("x-gitlab-unit-primitive", "nope")]),
+            "bad_unit_primitive",
+        ),
+        (
+            "unit primitive not in scopes",
+            decide_with(
+                proxy,
+                Some(&good),
+                &[("x-gitlab-unit-primitive", "duo_chat")],
+            ),
+            "insufficient_scope",
+        ),
+        (
+            "unit primitive in scopes",
+            decide_with(
+                proxy,
+                Some(&good),
+                &[("x-gitlab-unit-primitive", "explain_vulnerability")],
+            ),
+            "allow",
+        ),
+        (
+            "version too old",
+            decide_with(CODE, Some(&good), &[("x-gitlab-version", "16.10.1-ee")]),
+            "version_too_old",
+        ),
+        (
+            "no version",
+            decide_with(CODE, Some(&good), &[("x-gitlab-version", "")]),
+            "version_too_old",
+        ),
+    ];
+    for (name, decision, want) in &cases {
+        assert_eq!(reason(decision), *want, "{name}: {decision:?}");
+    }
+}
+
+#[test]
+fn an_allow_carries_the_identity_and_a_deny_its_backend() {
+    let good = key(1).sign(&claims());
+    let Decision::Allow(allowed) = decide_with(CODE, Some(&good), &[]) else {
+        panic!("should allow")
+    };
+    let identity = allowed.identity.unwrap();
+    assert_eq!(
+        (identity.subject.as_str(), &*identity.issuer),
+        (INSTANCE, ISS)
+    );
+    assert_eq!(
+        identity.scopes,
+        vec!["complete_code", "explain_vulnerability"]
+    );
+    let Decision::Deny(denied) = decide_with(CODE, None, &[]) else {
+        panic!("should deny")
+    };
+    assert_eq!(denied.backend.as_deref(), Some("ai_gateway"));
+}
+
+#[test]
+fn an_unknown_kid_asks_for_a_refresh_of_that_issuer_only() {
+    let other = DevKey::from_pkcs8_pem(
+        include_str!("../../tests/fixtures/keys/test-rsa-2048-1.pem"),
+        "rotated",
+    )
+    .unwrap();
+    let Decision::Deny(denied) = decide_with(CODE, Some(&other.sign(&claims())), &[]) else {
+        panic!("should deny")
+    };
+    assert_eq!(denied.reason, DenyReason::UnknownKey);
+    assert_eq!(denied.refresh_issuer.as_deref(), Some(ISS));
+    let Decision::Deny(denied) = decide_with(CODE, Some("abc"), &[]) else {
+        panic!("should deny")
+    };
+    assert_eq!(denied.refresh_issuer, None);
+}
+
+#[test]
+fn messages_never_contain_the_token() {
+    let good = key(1).sign(&change(claims(), json!({"scopes": []})));
+    for d in [
+        decide_with(CODE, Some(&good), &[]),
+        decide_with(CODE, Some(&format!("{good}x")), &[]),
+    ] {
+        let Decision::Deny(denied) = d else {
+            panic!("should deny")
+        };
+        for part in good.split('.') {
+            assert!(!denied.message.contains(part), "{}", denied.message);
+        }
+    }
+}
