@@ -121,15 +121,19 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
 }
 
 async fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
-    let config = if args.dev {
+    if args.dev {
         let setup = crate::devmode::prepare()?;
         print_out(&setup.banner())?;
-        setup.config
+        let result = crate::serve::run(setup.config, shutdown_signal()).await;
+        // The directory holds the dev private key: it lives only as long as the server.
+        if let Err(e) = std::fs::remove_dir_all(&setup.dir) {
+            tracing::warn!(dir = %setup.dir.display(), error = %e, "cannot remove the dev directory");
+        }
+        result?;
     } else {
         let path = args.config.expect("clap requires --config or --dev");
-        Config::load(&path)?
-    };
-    crate::serve::run(config, shutdown_signal()).await?;
+        crate::serve::run(Config::load(&path)?, shutdown_signal()).await?;
+    }
     Ok(ExitCode::SUCCESS)
 }
 
