@@ -3,14 +3,17 @@
 //! with the unit primitives the requested path needs.
 #![forbid(unsafe_code)]
 
+pub mod cli;
 pub mod config;
 pub mod decide;
 pub mod decision;
 pub mod dev;
+pub mod devmode;
 pub mod grpc;
 pub mod keys;
 pub mod proto;
 pub mod registry;
 pub mod route;
+pub mod serve;
 pub mod token;
 pub mod verify;

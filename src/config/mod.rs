@@ -172,7 +172,8 @@ impl Compiler<'_> {
                 "listen.admin",
             )?,
         };
-        if listen.grpc == listen.admin {
+        // Port 0 asks the OS for a free port: two of those never collide.
+        if listen.grpc == listen.admin && listen.grpc.port() != 0 {
             return Err(self.err(0, "listen.grpc and listen.admin are the same address; give the admin listener its own port"));
         }
         let (issuers, issuer_index) = self.issuers(&raw.issuers)?;

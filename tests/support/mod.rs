@@ -26,6 +26,14 @@ pub fn test_key(n: usize) -> DevKey {
     DevKey::from_pkcs8_pem(pem, format!("test-key-{n}")).expect("fixture key loads")
 }
 
+/// Fixed test key `n` published under another kid (two issuers may reuse a kid).
+pub fn test_key_with_kid(n: usize, kid: &str) -> DevKey {
+    let pem = FIXTURES
+        .get(n.wrapping_sub(1))
+        .unwrap_or_else(|| panic!("test keys are 1..=3, not {n}"));
+    DevKey::from_pkcs8_pem(pem, kid).expect("fixture key loads")
+}
+
 /// The public JWK of a 1024-bit RSA key: too small to be accepted.
 pub fn small_rsa_jwk() -> Value {
     serde_json::from_str(include_str!(

@@ -1,0 +1,350 @@
+//! The command line: `serve`, `check-config`, `mint` and `check`.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use serde_json::json;
+
+use crate::config::Config;
+use crate::dev::DevKey;
+use crate::proto::envoy::service::auth::v3::{
+    AttributeContext, CheckRequest, attribute_context, authorization_client::AuthorizationClient,
+    check_response,
+};
+use crate::route::Access;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "connector-authz",
+    version,
+    about = "Envoy ext_authz sidecar for GitLab Cloud Connector service tokens"
+)]
+pub struct Cli {
+    /// Log format.
+    #[arg(long, value_enum, default_value_t = LogFormat::Text, global = true)]
+    pub log_format: LogFormat,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Run the sidecar.
+    Serve(ServeArgs),
+    /// Validate a configuration and show what it enforces.
+    CheckConfig {
+        #[arg(long)]
+        config: PathBuf,
+    },
+    /// Sign a development token with a PKCS#8 PEM private key (dev and test keys only).
+    Mint(MintArgs),
+    /// Send one Check to a running sidecar and print the decision.
+    Check(CheckArgs),
+}
+
+#[derive(Args, Debug)]
+#[group(required = true, multiple = false)]
+pub struct ServeArgs {
+    /// The configuration file.
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// Run with an embedded development issuer and the demo routes: no files, no network.
+    #[arg(long)]
+    pub dev: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct MintArgs {
+    /// PKCS#8 PEM private key (`serve --dev` prints the path of its key).
+    #[arg(long)]
+    pub key: PathBuf,
+    #[arg(long)]
+    pub kid: String,
+    #[arg(long)]
+    pub iss: String,
+    #[arg(long)]
+    pub aud: String,
+    #[arg(long)]
+    pub sub: Option<String>,
+    /// Unit primitives, comma-separated.
+    #[arg(long, value_delimiter = ',')]
+    pub scopes: Vec<String>,
+    /// Lifetime, like 1h or 3d.
+    #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
+    pub ttl: Duration,
+    /// Extra claims as key=JSON value (a value that is not JSON is taken as a string).
+    #[arg(long = "claim", value_parser = parse_key_value::<'='>)]
+    pub claims: Vec<(String, String)>,
+}
+
+#[derive(Args, Debug)]
+pub struct CheckArgs {
+    /// The sidecar's gRPC address.
+    #[arg(long, default_value = crate::config::DEFAULT_GRPC_LISTEN)]
+    pub grpc: SocketAddr,
+    #[arg(long)]
+    pub path: String,
+    #[arg(long, default_value = "GET")]
+    pub method: String,
+    /// Sent as `Authorization: Bearer <token>`.
+    #[arg(long)]
+    pub token: Option<String>,
+    /// A request header, as name:value (repeatable).
+    #[arg(long = "header", value_parser = parse_key_value::<':'>)]
+    pub headers: Vec<(String, String)>,
+}
+
+fn parse_key_value<const SEP: char>(s: &str) -> Result<(String, String), String> {
+    s.split_once(SEP)
+        .map(|(k, v)| (k.trim().to_string(), v.trim().to_string()))
+        .filter(|(k, _)| !k.is_empty())
+        .ok_or_else(|| format!("expected name{SEP}value, got {s:?}"))
+}
+
+pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    match cli.command {
+        Command::Serve(args) => serve(args).await,
+        Command::CheckConfig { config } => check_config(&config),
+        Command::Mint(args) => mint(args),
+        Command::Check(args) => check(args).await,
+    }
+}
+
+async fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
+    let config = if args.dev {
+        let setup = crate::devmode::prepare()?;
+        print_out(&setup.banner())?;
+        setup.config
+    } else {
+        let path = args.config.expect("clap requires --config or --dev");
+        Config::load(&path)?
+    };
+    crate::serve::run(config, shutdown_signal()).await?;
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(term) => term,
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot listen for SIGTERM; stop with Ctrl-C");
+                    let _ = ctrl_c.await;
+                    return;
+                }
+            };
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = ctrl_c.await;
+    }
+}
+
+fn check_config(path: &Path) -> anyhow::Result<ExitCode> {
+    let config = Config::load(path)?;
+    let mut out = format!(
+        "{}: valid: {} issuer(s), {} backend(s), {} route(s)\n",
+        path.display(),
+        config.issuers.len(),
+        config.backends.len(),
+        config.routes.routes().len()
+    );
+    for issuer in &config.issuers {
+        out.push_str(&format!(
+            "  issuer {} keys from {:?}\n",
+            issuer.name, issuer.keys_from
+        ));
+    }
+    out.push('\n');
+    out.push_str(&route_table(&config));
+    print_out(&out)?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// What the configuration enforces, one line per route: pattern, methods, backend
+/// (audience), what it needs, and for each unit primitive its free-until date and
+/// minimum GitLab version from the registry.
+pub fn route_table(config: &Config) -> String {
+    let mut rows = vec![[
+        "ROUTE".to_string(),
+        "METHODS".into(),
+        "BACKEND (AUDIENCE)".into(),
+        "NEEDS".into(),
+        "FREE UNTIL".into(),
+        "MIN GITLAB".into(),
+    ]];
+    for route in config.routes.routes() {
+        let backend = &config.backends[route.backend];
+        let methods = if route.methods == crate::route::Methods::ANY {
+            "any".to_string()
+        } else {
+            route.methods.names().join(",")
+        };
+        let (needs, names): (String, Vec<&str>) = match &route.access {
+            Access::Public => ("public".into(), vec![]),
+            Access::Token {
+                require,
+                unit_primitive_header,
+            } => {
+                let mut needs: Vec<String> = require.iter().map(|r| r.to_string()).collect();
+                if let Some(h) = unit_primitive_header {
+                    needs.push(format!("<{h}>"));
+                }
+                if needs.is_empty() {
+                    needs.push("any valid token".into());
+                }
+                (needs.join(" "), require.iter().map(|r| &**r).collect())
+            }
+        };
+        let registry = config.registry.as_deref();
+        let detail = |f: &dyn Fn(&crate::registry::UnitPrimitive) -> Option<String>| {
+            let values: Vec<String> = names
+                .iter()
+                .map(|n| {
+                    registry
+                        .and_then(|r| r.unit_primitive(n))
+                        .and_then(f)
+                        .unwrap_or_else(|| "-".into())
+                })
+                .collect();
+            if values.is_empty() {
+                "-".to_string()
+            } else {
+                values.join(" ")
+            }
+        };
+        rows.push([
+            route.pattern.to_string(),
+            methods,
+            format!("{} ({})", backend.name, backend.audience),
+            needs,
+            detail(&|up| up.cut_off_date.as_ref().map(|d| d.as_str().to_string())),
+            detail(&|up| up.min_gitlab_version.as_ref().map(|v| v.to_string())),
+        ]);
+    }
+    let widths: Vec<usize> = (0..6)
+        .map(|c| rows.iter().map(|r| r[c].len()).max().unwrap_or(0))
+        .collect();
+    let mut out = String::new();
+    for row in rows {
+        let line: Vec<String> = row
+            .iter()
+            .zip(&widths)
+            .map(|(cell, w)| format!("{cell:<w$}"))
+            .collect();
+        out.push_str(line.join("  ").trim_end());
+        out.push('\n');
+    }
+    out
+}
+
+fn mint(args: MintArgs) -> anyhow::Result<ExitCode> {
+    let pem = std::fs::read_to_string(&args.key)
+        .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", args.key.display()))?;
+    let key = DevKey::from_pkcs8_pem(&pem, args.kid.clone())?;
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_secs();
+    let mut claims = json!({
+        "iss": args.iss,
+        "aud": args.aud,
+        "iat": now,
+        "nbf": now,
+        "exp": now + args.ttl.as_secs(),
+        "jti": format!("mint-{now}-{}", std::process::id()),
+        "scopes": args.scopes,
+    });
+    if let Some(sub) = args.sub {
+        claims["sub"] = json!(sub);
+    }
+    for (name, value) in args.claims {
+        claims[name] = serde_json::from_str(&value).unwrap_or(json!(value));
+    }
+    print_out(&format!("{}\n", key.sign(&claims)))?;
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn check(args: CheckArgs) -> anyhow::Result<ExitCode> {
+    let mut headers: HashMap<String, String> = HashMap::new();
+    for (name, value) in args.headers {
+        headers.insert(name.to_ascii_lowercase(), value);
+    }
+    if let Some(token) = args.token {
+        headers.insert("authorization".into(), format!("Bearer {token}"));
+    }
+    let request = CheckRequest {
+        attributes: Some(AttributeContext {
+            request: Some(attribute_context::Request {
+                http: Some(attribute_context::HttpRequest {
+                    method: args.method.to_ascii_uppercase(),
+                    path: args.path,
+                    headers,
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
+    };
+    let mut client = AuthorizationClient::connect(format!("http://{}", args.grpc))
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot reach connector-authz at {}: {e}", args.grpc))?;
+    let response = client.check(request).await?.into_inner();
+    let mut out = String::new();
+    let code = match response.http_response {
+        Some(check_response::HttpResponse::OkResponse(ok)) => {
+            out.push_str("allow\n");
+            for h in ok.headers.iter().filter_map(|h| h.header.as_ref()) {
+                out.push_str(&format!("  {}: {}\n", h.key, h.value));
+            }
+            ExitCode::SUCCESS
+        }
+        Some(check_response::HttpResponse::DeniedResponse(denied)) => {
+            let status = denied.status.map_or(0, |s| s.code);
+            out.push_str(&format!("deny {status}\n"));
+            for h in denied.headers.iter().filter_map(|h| h.header.as_ref()) {
+                out.push_str(&format!("  {}: {}\n", h.key, h.value));
+            }
+            out.push_str(&format!("  {}\n", denied.body));
+            ExitCode::from(1)
+        }
+        None => {
+            let code = response.status.map_or(0, |s| s.code);
+            out.push_str(if code == 0 { "allow\n" } else { "deny\n" });
+            ExitCode::from(u8::from(code != 0))
+        }
+    };
+    print_out(&out)?;
+    Ok(code)
+}
+
+/// Writes to stdout; a reader that went away (`| head`) ends the output, not the program.
+pub fn print_out(text: &str) -> std::io::Result<()> {
+    use std::io::Write as _;
+    let mut stdout = std::io::stdout().lock();
+    match stdout
+        .write_all(text.as_bytes())
+        .and_then(|()| stdout.flush())
+    {
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+        other => other,
+    }
+}
