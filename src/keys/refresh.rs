@@ -94,6 +94,7 @@ pub struct KeyManager {
     shared: Arc<Shared>,
     stop: watch::Sender<bool>,
     tasks: Mutex<Vec<JoinHandle<()>>>,
+    first_fetches: Vec<watch::Receiver<Option<Outcome>>>,
 }
 
 impl std::fmt::Debug for KeyManager {
@@ -172,16 +173,42 @@ impl KeyManager {
         }
         shared.update_readiness();
 
-        let tasks = shared
-            .issuers
-            .values()
-            .map(|issuer| tokio::spawn(run_schedule(Arc::clone(&shared), Arc::clone(issuer))))
-            .collect();
+        // The first fetches start here rather than in the tasks, so that
+        // `initial_load` has them to wait for as soon as this returns.
+        let mut first_fetches = Vec::new();
+        let mut tasks = Vec::new();
+        for issuer in shared.issuers.values() {
+            let first = shared.begin(issuer, None);
+            if let Some(Flight(flight)) = &first {
+                first_fetches.push(flight.clone());
+            }
+            let task = run_schedule(Arc::clone(&shared), Arc::clone(issuer), first);
+            tasks.push(tokio::spawn(task));
+        }
         Arc::new(Self {
             shared,
             stop,
             tasks: Mutex::new(tasks),
+            first_fetches,
         })
+    }
+
+    /// Resolves when every issuer has keys, or else when every issuer's first fetch has
+    /// finished (either way; a fetch is bounded by `keys.fetch_timeout` per GET). Serving
+    /// can wait for this so that a sidecar that reaches its issuers is ready when it
+    /// starts, while one with a warm cache does not wait for the network at all.
+    pub async fn initial_load(&self) {
+        let mut ready = self.ready();
+        let first_fetches = self.first_fetches.iter().cloned().map(Flight);
+        let all_finished = async {
+            for flight in first_fetches {
+                flight.outcome().await;
+            }
+        };
+        tokio::select! {
+            _ = ready.wait_for(|ready| *ready) => {}
+            () = all_finished => {}
+        }
     }
 
     /// The configured issuers without keys right now (empty: ready).
@@ -552,13 +579,14 @@ fn log_skipped_keys(issuer: &str, parsed: &ParsedKeySet) {
     }
 }
 
-/// The life of one network issuer: fetch, wait (`refresh_interval` ± 10 % after a
+/// The life of one network issuer (its first fetch already started): fetch, wait (`refresh_interval` ± 10 % after a
 /// success, the backoff after a failure), again, until the manager stops.
-async fn run_schedule(shared: Arc<Shared>, issuer: Arc<NetworkIssuer>) {
+async fn run_schedule(shared: Arc<Shared>, issuer: Arc<NetworkIssuer>, first: Option<Flight>) {
     let mut stopped = shared.stopped.clone();
     let refresh_interval = shared.settings.refresh_interval;
+    let mut next = first;
     loop {
-        let outcome = match shared.begin(&issuer, None) {
+        let outcome = match next.take().or_else(|| shared.begin(&issuer, None)) {
             Some(flight) => flight.outcome().await,
             None => Outcome::Skipped,
         };

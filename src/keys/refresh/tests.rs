@@ -667,3 +667,36 @@ async fn shutdown_stops_every_task() {
     );
     assert!(asked.elapsed() < Duration::from_millis(10));
 }
+
+#[tokio::test(start_paused = true)]
+async fn initial_load_waits_for_first_fetches_but_not_when_keys_are_at_hand() {
+    let k = key(1);
+    let fetch_timeout = Duration::from_secs(2);
+
+    // Up: ready when it resolves.
+    let h = Harness::start(config(B_YAML, None), fake_with(&[(B, &[&k])]));
+    h.manager.initial_load().await;
+    assert!(h.ready());
+
+    // One issuer hangs, the other is up: resolves after the fetch timeout, not ready.
+    let fake = fake_with(&[(A, &[&k]), (B, &[&k])]);
+    fake.answer(A, Answer::Hang);
+    let h = Harness::start(config(&format!("{A_YAML}{B_YAML}"), None), fake);
+    let started = Instant::now();
+    h.manager.initial_load().await;
+    assert_eq!(started.elapsed(), fetch_timeout);
+    assert_eq!(h.manager.missing_issuers(), [Arc::<str>::from(A)]);
+
+    // Cached keys: resolves at once, while the hanging fetch goes on.
+    let dir = tempfile::tempdir().expect("temp dir");
+    KeyCache::new(dir.path())
+        .store(A, &cached_jwks(&[&k]))
+        .expect("written");
+    let fake = fake_with(&[(A, &[&k])]);
+    fake.answer(A, Answer::Hang);
+    let h = Harness::start(config(A_YAML, Some(dir.path())), fake);
+    let started = Instant::now();
+    h.manager.initial_load().await;
+    assert_eq!(started.elapsed(), Duration::ZERO);
+    assert!(h.ready());
+}
