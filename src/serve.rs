@@ -1,4 +1,4 @@
-//! Running the sidecar: bind the gRPC and admin listeners, load the issuers' keys,
+//! Running the sidecar: bind the gRPC and admin listeners, start the key manager,
 //! serve `envoy.service.auth.v3.Authorization` and `grpc.health.v1.Health` on the gRPC
 //! port and `/healthz` + `/readyz` on the admin port, until told to stop.
 
@@ -18,12 +18,10 @@ use tokio::task::JoinHandle;
 use tonic::transport::server::TcpIncoming;
 use tonic_health::ServingStatus;
 
-use crate::config::{Config, KeysFrom};
+use crate::config::Config;
 use crate::decide::Snapshot;
 use crate::grpc::AuthzService;
-use crate::keys::KeySnapshot;
-use crate::keys::fetch::{FetchError, HttpFetcher, IssuerSource, fetch_key_set, load_key_file};
-use crate::keys::jwks::{KeyLimits, ParsedKeySet};
+use crate::keys::{KeyManager, KeyRefresher};
 
 /// The gRPC service name that health checks ask about, besides the server as a whole ("").
 const AUTHZ_SERVICE_NAME: &str = "envoy.service.auth.v3.Authorization";
@@ -33,17 +31,20 @@ pub struct Running {
     pub grpc_addr: SocketAddr,
     pub admin_addr: SocketAddr,
     pub snapshot: Arc<ArcSwap<Snapshot>>,
+    /// Keeps the issuers' keys fresh; its fetch counters and readiness.
+    pub keys: Arc<KeyManager>,
     stop: watch::Sender<bool>,
     tasks: Vec<JoinHandle<()>>,
 }
 
 impl Running {
-    /// Stops the listeners and waits for the servers to finish.
+    /// Stops the listeners and the key refresh, and waits for them to finish.
     pub async fn shutdown(self) {
         let _ = self.stop.send(true);
         for task in self.tasks {
             let _ = task.await;
         }
+        self.keys.shutdown().await;
     }
 }
 
@@ -59,23 +60,24 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
     let grpc_addr = grpc_listener.local_addr()?;
     let admin_addr = admin_listener.local_addr()?;
 
-    let keys = load_keys_once(&config).await;
+    // Keys start empty: the key manager fills them in (files and cache at once, the
+    // network in the background) and keeps them fresh until shutdown.
     let snapshot = Arc::new(ArcSwap::from_pointee(Snapshot::new(
         Arc::new(config),
-        Arc::new(keys),
+        Arc::default(),
     )));
+    let keys = KeyManager::start_http(snapshot.clone())?;
+    keys.initial_load().await;
     let (stop, stopped) = watch::channel(false);
 
     let (health, health_service) = tonic_health::server::health_reporter();
-    let status = if missing_issuers(&snapshot.load()).is_empty() {
-        ServingStatus::Serving
-    } else {
-        ServingStatus::NotServing
-    };
-    health.set_service_status("", status).await;
-    health.set_service_status(AUTHZ_SERVICE_NAME, status).await;
+    // The reporter starts out SERVING; say the truth before anyone can ask.
+    let mut ready = keys.ready();
+    report_health(&health, *ready.borrow_and_update()).await;
+    let health_task = tokio::spawn(follow_readiness(ready, health, stopped.clone()));
 
-    let authz = AuthzService::new(snapshot.clone(), None).into_server();
+    let refresher: Arc<dyn KeyRefresher> = keys.clone();
+    let authz = AuthzService::new(snapshot.clone(), Some(refresher)).into_server();
     let grpc_task = {
         let mut stopped = stopped.clone();
         tokio::spawn(async move {
@@ -96,7 +98,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
     };
     let admin_task = {
         let mut stopped = stopped.clone();
-        let app = admin_router(snapshot.clone());
+        let app = admin_router(keys.clone());
         tokio::spawn(async move {
             let result = axum::serve(admin_listener, app)
                 .with_graceful_shutdown(async move {
@@ -113,8 +115,9 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         grpc_addr,
         admin_addr,
         snapshot,
+        keys,
         stop,
-        tasks: vec![grpc_task, admin_task],
+        tasks: vec![grpc_task, admin_task, health_task],
     })
 }
 
@@ -127,80 +130,41 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
     Ok(())
 }
 
-/// Loads every issuer's keys once, all issuers at the same time, so one slow issuer
-/// costs at most `fetch_timeout` at start, not that times the number of issuers.
-/// An issuer that fails is logged and left without keys: its tokens get
-/// `keys_unavailable` and the sidecar is not ready.
-async fn load_keys_once(config: &Config) -> KeySnapshot {
-    let limits = KeyLimits::default();
-    let fetcher = match HttpFetcher::new(config.keys.fetch_timeout, limits.max_document_bytes) {
-        Ok(f) => Some(f),
-        Err(e) => {
-            tracing::error!(error = %e, "cannot set up the HTTP client for key fetching");
-            None
+/// Keeps `grpc.health.v1.Health` at `SERVING` exactly while every issuer has keys.
+async fn follow_readiness(
+    mut ready: watch::Receiver<bool>,
+    health: tonic_health::server::HealthReporter,
+    mut stopped: watch::Receiver<bool>,
+) {
+    loop {
+        tokio::select! {
+            changed = ready.changed() => if changed.is_err() { return },
+            _ = stopped.wait_for(|s| *s) => return,
         }
-    };
-    let loads = config.issuers.iter().map(|issuer| {
-        let fetcher = fetcher.as_ref();
-        let limits = &limits;
-        async move {
-            let result: Result<ParsedKeySet, FetchError> = match &issuer.keys_from {
-                KeysFrom::JwksFile(path) => load_key_file(path, limits),
-                KeysFrom::Discovery | KeysFrom::JwksUri(_) => {
-                    let source = match &issuer.keys_from {
-                        KeysFrom::JwksUri(uri) => IssuerSource::JwksUri { issuer_url: issuer.url.clone(), jwks_uri: uri.clone() },
-                        _ => IssuerSource::Discovery { issuer_url: issuer.url.clone() },
-                    };
-                    match fetcher {
-                        Some(f) => fetch_key_set(f, &source, limits).await,
-                        None => return (issuer.name.clone(), None),
-                    }
-                }
-            };
-            match result {
-                Ok(parsed) => {
-                    for warning in &parsed.warnings {
-                        tracing::warn!(issuer = %issuer.name, "{warning}");
-                    }
-                    tracing::info!(issuer = %issuer.name, keys = parsed.key_set.keys.len(), source = ?parsed.key_set.source, "loaded keys");
-                    (issuer.name.clone(), Some(parsed.key_set))
-                }
-                Err(e) => {
-                    tracing::warn!(issuer = %issuer.name, error = %e, "cannot load keys; this issuer's tokens get keys_unavailable");
-                    (issuer.name.clone(), None)
-                }
-            }
-        }
-    });
-    let mut snapshot = KeySnapshot::default();
-    for (name, keys) in futures_util::future::join_all(loads).await {
-        if let Some(keys) = keys {
-            snapshot = snapshot.with_issuer(name, Arc::new(keys));
-        }
+        let now_ready = *ready.borrow_and_update();
+        report_health(&health, now_ready).await;
     }
-    snapshot
 }
 
-/// Configured issuers that have no keys in the snapshot.
-pub fn missing_issuers(snapshot: &Snapshot) -> Vec<Arc<str>> {
-    snapshot
-        .config
-        .issuers
-        .iter()
-        .filter(|i| snapshot.keys.get(&i.name).is_none())
-        .map(|i| i.name.clone())
-        .collect()
+async fn report_health(health: &tonic_health::server::HealthReporter, ready: bool) {
+    let status = if ready {
+        ServingStatus::Serving
+    } else {
+        ServingStatus::NotServing
+    };
+    health.set_service_status("", status).await;
+    health.set_service_status(AUTHZ_SERVICE_NAME, status).await;
 }
 
-fn admin_router(snapshot: Arc<ArcSwap<Snapshot>>) -> Router {
+fn admin_router(keys: Arc<KeyManager>) -> Router {
     Router::new()
         .route("/healthz", get(|| async { (StatusCode::OK, "ok\n") }))
         .route("/readyz", get(readyz))
-        .with_state(snapshot)
+        .with_state(keys)
 }
 
-async fn readyz(State(snapshot): State<Arc<ArcSwap<Snapshot>>>) -> impl IntoResponse {
-    let missing = missing_issuers(&snapshot.load());
+async fn readyz(State(keys): State<Arc<KeyManager>>) -> impl IntoResponse {
+    let missing = keys.missing_issuers();
     let status = if missing.is_empty() {
         StatusCode::OK
     } else {

@@ -11,8 +11,12 @@ use std::time::SystemTime;
 
 use jsonwebtoken::{Algorithm, DecodingKey};
 
+pub mod cache;
 pub mod fetch;
 pub mod jwks;
+pub mod refresh;
+
+pub use refresh::{KeyManager, missing_issuers};
 
 /// Where a key set came from; shown in logs, readiness and `explain`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

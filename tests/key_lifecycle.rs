@@ -1,0 +1,212 @@
+//! The key lifecycle end to end: the real sidecar (`serve::start`) against a fake OIDC
+//! issuer on loopback, asked over gRPC and the admin port. Paused-time tests of the
+//! schedule, backoff and single flight live next to the code in `src/keys/refresh`;
+//! these use real time, each wait bounded to a few seconds.
+
+mod support;
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use connector_authz::config::Config;
+use connector_authz::dev::DevKey;
+use connector_authz::proto::envoy::service::auth::v3::{
+    AttributeContext, CheckRequest, attribute_context, authorization_client::AuthorizationClient,
+    check_response,
+};
+use connector_authz::serve::{self, Running};
+use serde_json::{Value, json};
+use support::{FakeIssuer, Mode, claims, now, test_key};
+use tonic::transport::Channel;
+use tonic_health::pb::health_check_response::ServingStatus;
+use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
+
+struct Sidecar {
+    running: Running,
+    client: AuthorizationClient<Channel>,
+}
+
+impl Sidecar {
+    async fn start(issuer: &FakeIssuer, cache_dir: &Path) -> Sidecar {
+        let yaml = format!(
+            "listen: {{grpc: 127.0.0.1:0, admin: 127.0.0.1:0}}
+issuers:
+  - url: {issuer}
+keys:
+  refresh_interval: 1h
+  min_refresh_interval: 200ms
+  fetch_timeout: 1s
+  cache_dir: {cache}
+backends:
+  - name: svc
+    audience: svc
+    routes: [{{prefix: /, require: []}}]
+",
+            issuer = issuer.url(),
+            cache = cache_dir.display(),
+        );
+        let config = Config::from_yaml(&yaml, Path::new("key_lifecycle.yaml")).expect("config");
+        let running = serve::start(config).await.expect("server starts");
+        let client = AuthorizationClient::connect(format!("http://{}", running.grpc_addr))
+            .await
+            .expect("client connects");
+        Sidecar { running, client }
+    }
+
+    /// `Ok` when allowed, else the deny reason from the response body.
+    async fn check(&self, token: &str) -> Result<(), String> {
+        let headers = HashMap::from([
+            ("authorization".to_owned(), format!("Bearer {token}")),
+            ("x-gitlab-realm".to_owned(), "self-managed".to_owned()),
+            (
+                "x-gitlab-instance-id".to_owned(),
+                "test-instance-id".to_owned(),
+            ),
+        ]);
+        let request = CheckRequest {
+            attributes: Some(AttributeContext {
+                request: Some(attribute_context::Request {
+                    http: Some(attribute_context::HttpRequest {
+                        method: "GET".into(),
+                        path: "/anything".into(),
+                        headers,
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+        };
+        let response = self
+            .client
+            .clone()
+            .check(request)
+            .await
+            .expect("Check is a successful RPC")
+            .into_inner();
+        match response.http_response {
+            Some(check_response::HttpResponse::OkResponse(_)) => Ok(()),
+            Some(check_response::HttpResponse::DeniedResponse(denied)) => {
+                let body: Value = serde_json::from_str(&denied.body).expect("JSON body");
+                Err(body["error"].as_str().unwrap_or_default().to_owned())
+            }
+            None => panic!("a Check response without an HTTP response"),
+        }
+    }
+
+    /// `/readyz`: the status and the issuers without keys.
+    async fn readyz(&self) -> (u16, Value) {
+        let url = format!("http://{}/readyz", self.running.admin_addr);
+        let response = reqwest::get(url).await.expect("admin answers");
+        let status = response.status().as_u16();
+        let body: Value =
+            serde_json::from_slice(&response.bytes().await.expect("body")).expect("JSON body");
+        (status, body["issuers_without_keys"].clone())
+    }
+
+    async fn health(&self) -> ServingStatus {
+        let channel = Channel::from_shared(format!("http://{}", self.running.grpc_addr))
+            .expect("uri")
+            .connect()
+            .await
+            .expect("connects");
+        let status = HealthClient::new(channel)
+            .check(HealthCheckRequest {
+                service: "envoy.service.auth.v3.Authorization".into(),
+            })
+            .await
+            .expect("health answers")
+            .into_inner()
+            .status;
+        ServingStatus::try_from(status).expect("known status")
+    }
+}
+
+fn token(issuer: &FakeIssuer, key: &DevKey) -> String {
+    key.sign(&claims(&issuer.url(), "svc", &[], now() + 3600))
+}
+
+/// Polls `done` every 20 ms for at most `limit`.
+async fn within(limit: Duration, mut done: impl AsyncFnMut() -> bool) -> bool {
+    let start = Instant::now();
+    while start.elapsed() < limit {
+        if done().await {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    false
+}
+
+#[tokio::test]
+async fn a_rotated_key_works_on_first_use_with_one_fetch_for_many_requests() {
+    let (k1, k2) = (test_key(1), test_key(2));
+    let issuer = FakeIssuer::start(&[&k1]).await;
+    let cache = tempfile::tempdir().expect("temp dir");
+    let sidecar = Sidecar::start(&issuer, cache.path()).await;
+    assert_eq!(sidecar.check(&token(&issuer, &k1)).await, Ok(()));
+
+    issuer.set_keys(&[&k1, &k2]);
+    // Past min_refresh_interval since the start-up fetch.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let before = issuer.jwks_fetch_count();
+    let new_token = token(&issuer, &k2);
+    let answers = futures_util::future::join_all((0..50).map(|_| sidecar.check(&new_token))).await;
+    assert!(answers.iter().all(Result::is_ok), "{answers:?}");
+    assert_eq!(issuer.jwks_fetch_count(), before + 1);
+    sidecar.running.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_restart_while_the_issuer_hangs_is_ready_at_once_from_the_cache() {
+    let k = test_key(1);
+    let issuer = FakeIssuer::start(&[&k]).await;
+    let cache = tempfile::tempdir().expect("temp dir");
+    let first = Sidecar::start(&issuer, cache.path()).await;
+    let cached = within(Duration::from_secs(5), async || {
+        std::fs::read_dir(cache.path()).is_ok_and(|mut d| d.next().is_some())
+    })
+    .await;
+    assert!(cached, "the first sidecar wrote no cache file");
+    first.running.shutdown().await;
+
+    issuer.set_mode(Mode::Hang);
+    let started = Instant::now();
+    let second = Sidecar::start(&issuer, cache.path()).await;
+    assert!(
+        started.elapsed() < Duration::from_millis(500),
+        "waited for the network"
+    );
+    assert_eq!(second.readyz().await, (200, json!([])));
+    assert_eq!(second.health().await, ServingStatus::Serving);
+    assert_eq!(second.check(&token(&issuer, &k)).await, Ok(()));
+    second.running.shutdown().await;
+}
+
+#[tokio::test]
+async fn with_the_issuer_down_and_no_cache_it_is_not_ready_until_the_issuer_is_back() {
+    let k = test_key(1);
+    let issuer = FakeIssuer::start(&[&k]).await;
+    issuer.set_mode(Mode::Down(503));
+    let cache = tempfile::tempdir().expect("temp dir");
+    let sidecar = Sidecar::start(&issuer, cache.path()).await;
+
+    assert_eq!(sidecar.readyz().await, (503, json!([issuer.url()])));
+    assert_eq!(sidecar.health().await, ServingStatus::NotServing);
+    assert_eq!(
+        sidecar.check(&token(&issuer, &k)).await,
+        Err("keys_unavailable".to_owned())
+    );
+
+    issuer.set_mode(Mode::Up);
+    // The first retries come after about 1 s and 2 s.
+    let ready = within(Duration::from_secs(5), async || {
+        sidecar.readyz().await.0 == 200
+    })
+    .await;
+    assert!(ready, "not ready after the issuer came back");
+    assert_eq!(sidecar.health().await, ServingStatus::Serving);
+    assert_eq!(sidecar.check(&token(&issuer, &k)).await, Ok(()));
+    sidecar.running.shutdown().await;
+}
