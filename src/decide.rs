@@ -17,6 +17,7 @@ use crate::keys::{KeySnapshot, canonical_issuer};
 use crate::registry::GitlabVersion;
 use crate::route::{Access, normalize_path};
 use crate::token::{self, Claims};
+use crate::token_cache::{TokenCache, VerifiedToken};
 use crate::verify;
 
 /// Everything a decision reads, swapped in whole: keys by the refresh tasks, the
@@ -33,7 +34,20 @@ impl Snapshot {
     }
 }
 
+/// Decides without a token cache: every token's signature is verified.
 pub fn decide(snapshot: &Snapshot, req: &Request<'_>, now: SystemTime) -> Decision {
+    decide_cached(snapshot, req, now, TokenCache::disabled())
+}
+
+/// Decides, reusing the verification of a token that `cache` holds (and adding a newly
+/// verified one to it). The decision is the same as [`decide`]'s: a hit only skips parsing
+/// and the signature, and only while the key that verified it is still the issuer's.
+pub fn decide_cached(
+    snapshot: &Snapshot,
+    req: &Request<'_>,
+    now: SystemTime,
+    cache: &TokenCache,
+) -> Decision {
     let config = &*snapshot.config;
     let path = match normalize_path(req.path) {
         Ok(path) => path,
@@ -64,6 +78,7 @@ pub fn decide(snapshot: &Snapshot, req: &Request<'_>, now: SystemTime) -> Decisi
         req,
         backend,
         now: unix_seconds(now),
+        cache,
     };
     match check.run(require, unit_primitive_header) {
         Ok(identity) => Decision::Allow(Allowed {
@@ -99,6 +114,7 @@ struct TokenCheck<'a> {
     req: &'a Request<'a>,
     backend: &'a Backend,
     now: i64,
+    cache: &'a TokenCache,
 }
 
 impl TokenCheck<'_> {
@@ -110,6 +126,52 @@ impl TokenCheck<'_> {
         let settings = &self.config.tokens;
         let raw = token::bearer(self.req.headers, settings.max_bytes)
             .map_err(|e| denied(e.reason, e.message))?;
+        let leeway = i64::try_from(settings.leeway.as_secs()).unwrap_or(i64::MAX);
+        let verified = match self
+            .cache
+            .get(raw, self.config, &self.snapshot.keys, self.now)
+        {
+            Some(verified) => verified,
+            None => self.verify_signature(raw, leeway)?,
+        };
+        // From here on, a cached token and a freshly verified one take the same path.
+        let claims = &verified.claims;
+        verify::time_window(claims, self.now, leeway).map_err(|e| denied(e.reason, e.message))?;
+        verify::audience(claims, &self.backend.audience)
+            .map_err(|e| denied(e.reason, e.message))?;
+        let iss = claims.iss.as_deref().unwrap_or_default();
+        self.instance_headers(claims, canonical_issuer(iss))?;
+        let scopes = claims.scopes.as_deref().unwrap_or_default();
+        if let Some(missing) = require
+            .iter()
+            .find(|up| !scopes.iter().any(|s| s == &***up))
+        {
+            return Err(denied(
+                DenyReason::InsufficientScope,
+                format!("the token does not grant the unit primitive {missing}"),
+            ));
+        }
+        let named = match unit_primitive_header {
+            Some(header) => Some(self.named_unit_primitive(header, scopes)?),
+            None => None,
+        };
+        if self.config.enforce_min_version {
+            self.min_version(require.iter().map(|up| &**up).chain(named))?;
+        }
+        Ok(Identity {
+            subject: claims.sub.clone().unwrap_or_default(),
+            issuer: verified.issuer.clone(),
+            scopes: scopes.to_vec(),
+            jti: claims.jti.clone(),
+            unit_primitive: named.map(str::to_string),
+        })
+    }
+
+    /// The checks a cache hit skips, in the table's order: the token's structure, its
+    /// algorithm, its issuer, that issuer's keys and the signature. A token that passes
+    /// them, and is not expired, goes into the cache.
+    fn verify_signature(&self, raw: &str, leeway: i64) -> Result<Arc<VerifiedToken>, Denied> {
+        let settings = &self.config.tokens;
         let token = token::split(raw).map_err(|e| denied(e.reason, e.message))?;
         let alg = parse_algorithm(&token.header.alg)
             .ok()
@@ -137,42 +199,25 @@ impl TokenCheck<'_> {
                 "the keys of the token's issuer are not loaded yet; retry shortly",
             )
         })?;
-        verify::signature(&token, alg, keys).map_err(|e| {
+        let key = verify::signature(&token, alg, keys).map_err(|e| {
             let mut d = denied(e.reason, e.message);
             if e.reason == DenyReason::UnknownKey {
                 d.refresh_issuer = Some(issuer.name.clone());
             }
             d
         })?;
-        let leeway = i64::try_from(settings.leeway.as_secs()).unwrap_or(i64::MAX);
-        verify::time_window(&claims, self.now, leeway).map_err(|e| denied(e.reason, e.message))?;
-        verify::audience(&claims, &self.backend.audience)
-            .map_err(|e| denied(e.reason, e.message))?;
-        self.instance_headers(&claims, canonical_issuer(iss))?;
-        let scopes = claims.scopes.as_deref().unwrap_or_default();
-        if let Some(missing) = require
-            .iter()
-            .find(|up| !scopes.iter().any(|s| s == &***up))
-        {
-            return Err(denied(
-                DenyReason::InsufficientScope,
-                format!("the token does not grant the unit primitive {missing}"),
-            ));
+        let verified = Arc::new(VerifiedToken::new(
+            claims,
+            issuer.name.clone(),
+            alg,
+            token.header.kid.as_deref(),
+            key.fingerprint,
+        ));
+        // A token already outside its time window would only be dropped on its next hit.
+        if verify::time_window(&verified.claims, self.now, leeway).is_ok() {
+            self.cache.insert(raw, Arc::clone(&verified));
         }
-        let named = match unit_primitive_header {
-            Some(header) => Some(self.named_unit_primitive(header, scopes)?),
-            None => None,
-        };
-        if self.config.enforce_min_version {
-            self.min_version(require.iter().map(|up| &**up).chain(named))?;
-        }
-        Ok(Identity {
-            subject: claims.sub.clone().unwrap_or_default(),
-            issuer: issuer.name.clone(),
-            scopes: scopes.to_vec(),
-            jti: claims.jti.clone(),
-            unit_primitive: named.map(str::to_string),
-        })
+        Ok(verified)
     }
 
     /// The instance headers must agree with the claims that are set (as the AI gateway

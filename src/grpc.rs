@@ -15,7 +15,7 @@ use arc_swap::ArcSwap;
 use prost_types::{Struct, Value, value::Kind};
 use tonic::Status;
 
-use crate::decide::{Snapshot, decide};
+use crate::decide::{Snapshot, decide_cached};
 use crate::decision::{Allowed, Decision, Denied, Headers, Request};
 use crate::keys::KeyRefresher;
 use crate::proto::envoy::config::core::v3::{
@@ -28,6 +28,7 @@ use crate::proto::envoy::service::auth::v3::{
 };
 use crate::proto::envoy::r#type::v3::HttpStatus;
 use crate::proto::google::rpc;
+use crate::token_cache::TokenCache;
 
 /// Upstream headers that carry the verified identity. The backend trusts them, so a
 /// client's own copies must never get through: we overwrite or remove every one of them.
@@ -50,14 +51,16 @@ const CODE_PERMISSION_DENIED: i32 = 7;
 const CODE_UNAVAILABLE: i32 = 14;
 const CODE_UNAUTHENTICATED: i32 = 16;
 
-type DecideFn = fn(&Snapshot, &Request<'_>, SystemTime) -> Decision;
+type DecideFn = fn(&Snapshot, &Request<'_>, SystemTime, &TokenCache) -> Decision;
 
 /// The tonic service; one instance serves every connection.
 pub struct AuthzService {
     snapshot: Arc<ArcSwap<Snapshot>>,
     refresher: Option<Arc<dyn KeyRefresher>>,
     refresh_wait: Duration,
-    /// Always [`decide`] outside tests; a seam so the unknown-kid retry is tested on its own.
+    /// Verified tokens, sized by `tokens.cache_entries` / `tokens.cache_bytes`.
+    cache: Arc<TokenCache>,
+    /// Always [`decide_cached`] outside tests; a seam so the unknown-kid retry is tested on its own.
     decide_fn: DecideFn,
 }
 
@@ -67,13 +70,21 @@ impl AuthzService {
     pub const DEFAULT_REFRESH_WAIT: Duration = Duration::from_secs(2);
 
     /// `refresher`: `None` turns the unknown-kid refresh off (static keys, `explain`).
+    /// The token cache is sized by the configuration in `snapshot` at this moment.
     pub fn new(snapshot: Arc<ArcSwap<Snapshot>>, refresher: Option<Arc<dyn KeyRefresher>>) -> Self {
+        let cache = Arc::new(TokenCache::from_settings(&snapshot.load().config.tokens));
         Self {
             snapshot,
             refresher,
             refresh_wait: Self::DEFAULT_REFRESH_WAIT,
-            decide_fn: decide,
+            cache,
+            decide_fn: decide_cached,
         }
+    }
+
+    /// The cache of verified tokens (its size and hit counts).
+    pub fn token_cache(&self) -> &Arc<TokenCache> {
+        &self.cache
     }
 
     pub fn with_refresh_wait(mut self, wait: Duration) -> Self {
@@ -93,7 +104,7 @@ impl AuthzService {
         // across it would pin the old snapshot, and the `Request` is not `Send`.
         let first = {
             let snapshot = self.snapshot.load();
-            (self.decide_fn)(&snapshot, &input.request(), SystemTime::now())
+            (self.decide_fn)(&snapshot, &input.request(), SystemTime::now(), &self.cache)
         };
         let (issuer, refresher) = match (&first, &self.refresher) {
             (
@@ -117,7 +128,7 @@ impl AuthzService {
             );
         }
         let snapshot = self.snapshot.load();
-        (self.decide_fn)(&snapshot, &input.request(), SystemTime::now())
+        (self.decide_fn)(&snapshot, &input.request(), SystemTime::now(), &self.cache)
     }
 }
 
@@ -700,6 +711,7 @@ mod tests {
         snapshot: &Snapshot,
         _req: &Request<'_>,
         _now: SystemTime,
+        _cache: &TokenCache,
     ) -> Decision {
         if snapshot.keys.get(ISSUER).is_some() {
             Decision::Allow(Allowed {

@@ -16,4 +16,5 @@ pub mod registry;
 pub mod route;
 pub mod serve;
 pub mod token;
+pub mod token_cache;
 pub mod verify;

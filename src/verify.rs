@@ -53,11 +53,7 @@ pub fn signature<'k>(
                 ))
             }
         }
-        None => keys
-            .keys
-            .iter()
-            .filter(|k| k.alg.is_none_or(|pinned| pinned == alg))
-            .take(MAX_KEYS_TRIED_WITHOUT_KID)
+        None => candidates_without_kid(keys, alg)
             .find(|k| verifies(token, alg, k))
             .ok_or_else(|| {
                 fail(
@@ -65,6 +61,25 @@ pub fn signature<'k>(
                     "the token has no key id and no key of its issuer verifies it",
                 )
             }),
+    }
+}
+
+/// The keys a token without `kid` is tried against, in order.
+fn candidates_without_kid(keys: &KeySet, alg: Algorithm) -> impl Iterator<Item = &VerifyingKey> {
+    keys.keys
+        .iter()
+        .filter(move |k| k.alg.is_none_or(|pinned| pinned == alg))
+        .take(MAX_KEYS_TRIED_WITHOUT_KID)
+}
+
+/// Whether [`signature`] would try the key with `fingerprint` for a token with this `kid`
+/// and `alg` against `keys`: what a cached verification must still satisfy to be reused.
+pub fn would_use_key(keys: &KeySet, kid: Option<&str>, alg: Algorithm, fingerprint: u64) -> bool {
+    match kid {
+        Some(kid) => keys.by_kid(kid).is_some_and(|key| {
+            key.fingerprint == fingerprint && key.alg.is_none_or(|pinned| pinned == alg)
+        }),
+        None => candidates_without_kid(keys, alg).any(|key| key.fingerprint == fingerprint),
     }
 }
 

@@ -86,6 +86,17 @@ pub struct TokenSettings {
     pub algorithms: Vec<Algorithm>,
     pub leeway: Duration,
     pub max_bytes: usize,
+    /// How many verified tokens the token cache keeps; 0 turns it off.
+    pub cache_entries: usize,
+    /// The most memory the token cache may hold (tokens and their claims), in bytes.
+    pub cache_bytes: u64,
+}
+
+impl TokenSettings {
+    pub const DEFAULT_CACHE_ENTRIES: usize = 10_000;
+    pub const DEFAULT_CACHE_BYTES: u64 = 32 * 1024 * 1024;
+    /// A bound on `cache_entries` that keeps a typo from reserving gigabytes.
+    pub const MAX_CACHE_ENTRIES: usize = 10_000_000;
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -388,10 +399,40 @@ impl Compiler<'_> {
                 ));
             }
         };
+        let cache_entries = match &t.cache_entries {
+            None => TokenSettings::DEFAULT_CACHE_ENTRIES,
+            Some(v) if v.value <= TokenSettings::MAX_CACHE_ENTRIES => v.value,
+            Some(v) => {
+                return Err(self.err(
+                    v.line(),
+                    format!(
+                        "tokens.cache_entries is {}; choose at most {} (0 turns the cache off)",
+                        v.value,
+                        TokenSettings::MAX_CACHE_ENTRIES
+                    ),
+                ));
+            }
+        };
+        let cache_bytes = match &t.cache_bytes {
+            None => TokenSettings::DEFAULT_CACHE_BYTES,
+            // One token of max_bytes must fit, or nothing would ever be cached.
+            Some(v) if v.value >= 65_536 && v.value <= 1 << 40 => v.value,
+            Some(v) => {
+                return Err(self.err(
+                    v.line(),
+                    format!(
+                        "tokens.cache_bytes is {}; choose between 65536 (64 KiB) and 1099511627776 (1 TiB)",
+                        v.value
+                    ),
+                ));
+            }
+        };
         Ok(TokenSettings {
             algorithms,
             leeway,
             max_bytes,
+            cache_entries,
+            cache_bytes,
         })
     }
 

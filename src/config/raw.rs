@@ -78,6 +78,8 @@ pub struct RawTokens {
     pub algorithms: Option<Spanned<Vec<Spanned<String>>>>,
     pub leeway: Option<Spanned<String>>,
     pub max_bytes: Option<Spanned<usize>>,
+    pub cache_entries: Option<Spanned<usize>>,
+    pub cache_bytes: Option<Spanned<u64>>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -324,3 +324,28 @@ fn an_unreadable_file_is_a_clear_error() {
         "{err}"
     );
 }
+
+#[test]
+fn the_token_cache_is_sized_by_two_keys() {
+    let c = load(DESIGN_EXAMPLE).unwrap();
+    assert_eq!(c.tokens.cache_entries, 10_000);
+    assert_eq!(c.tokens.cache_bytes, 32 * 1024 * 1024);
+    let sized = DESIGN_EXAMPLE.replace(
+        "  max_bytes: 8192\n",
+        "  max_bytes: 8192\n  cache_entries: 0\n  cache_bytes: 1048576\n",
+    );
+    let c = load(&sized).unwrap();
+    assert_eq!((c.tokens.cache_entries, c.tokens.cache_bytes), (0, 1 << 20));
+    for (bad, what) in [
+        ("cache_entries: 20000000", "cache_entries"),
+        ("cache_bytes: 1000", "cache_bytes"),
+        ("cache_entries: -1", "cache_entries"),
+    ] {
+        let text = DESIGN_EXAMPLE.replace(
+            "  max_bytes: 8192\n",
+            &format!("  max_bytes: 8192\n  {bad}\n"),
+        );
+        let err = load(&text).unwrap_err().to_string();
+        assert!(err.contains(what), "{bad}: {err}");
+    }
+}

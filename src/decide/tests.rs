@@ -88,7 +88,30 @@ fn change(mut v: Value, changes: Value) -> Value {
 
 /// Decides a POST to `path` with the headers a GitLab instance sends, overridden by `extra`
 /// (an empty value removes the header).
+///
+/// Every case is decided three times, without a token cache, with a cold one and with
+/// the same one warm, and the three decisions must be equal: a cache hit never changes
+/// a decision.
 fn decide_with(path: &str, token: Option<&str>, extra: &[(&str, &str)]) -> Decision {
+    let snapshot = snapshot();
+    let now = UNIX_EPOCH + Duration::from_secs(NOW);
+    let uncached = decide_in(&snapshot, TokenCache::disabled(), now, path, token, extra);
+    let cache = TokenCache::new(16, 1 << 20);
+    let cold = decide_in(&snapshot, &cache, now, path, token, extra);
+    let warm = decide_in(&snapshot, &cache, now, path, token, extra);
+    assert_eq!(cold, uncached, "a cold cache changed the decision");
+    assert_eq!(warm, uncached, "a warm cache changed the decision");
+    uncached
+}
+
+fn decide_in(
+    snapshot: &Snapshot,
+    cache: &TokenCache,
+    now: SystemTime,
+    path: &str,
+    token: Option<&str>,
+    extra: &[(&str, &str)],
+) -> Decision {
     let mut headers: Vec<(String, String)> = vec![
         ("x-gitlab-realm".into(), "self-managed".into()),
         ("x-gitlab-instance-id".into(), INSTANCE.into()),
@@ -108,7 +131,7 @@ fn decide_with(path: &str, token: Option<&str>, extra: &[(&str, &str)]) -> Decis
         path,
         headers: &headers,
     };
-    decide(&snapshot(), &req, UNIX_EPOCH + Duration::from_secs(NOW))
+    decide_cached(snapshot, &req, now, cache)
 }
 
 fn reason(d: &Decision) -> &'static str {
@@ -386,3 +409,5 @@ fn messages_never_contain_the_token() {
         }
     }
 }
+
+mod cache;
