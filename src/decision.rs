@@ -41,22 +41,22 @@ impl Headers for HashMap<String, String> {
 
 /// Headers as an ordered list of pairs (Envoy's raw `header_map`, tests, `explain`).
 /// Names are compared ASCII case-insensitively; a name present twice is `Repeated`.
-impl Headers for [(String, String)] {
+impl<K: AsRef<str>, V: AsRef<str>> Headers for [(K, V)] {
     fn get(&self, name: &str) -> HeaderValue<'_> {
         let mut found = HeaderValue::Absent;
         for (k, v) in self {
-            if k.eq_ignore_ascii_case(name) {
+            if k.as_ref().eq_ignore_ascii_case(name) {
                 if found != HeaderValue::Absent {
                     return HeaderValue::Repeated;
                 }
-                found = HeaderValue::One(v);
+                found = HeaderValue::One(v.as_ref());
             }
         }
         found
     }
 }
 
-impl Headers for Vec<(String, String)> {
+impl<K: AsRef<str>, V: AsRef<str>> Headers for Vec<(K, V)> {
     fn get(&self, name: &str) -> HeaderValue<'_> {
         Headers::get(self.as_slice(), name)
     }

@@ -7,8 +7,9 @@
 //! allowed is `decide`'s business, and the conversions here are pure functions
 //! ([`to_request`], [`to_response`]) so they are tested without a network.
 
+use std::borrow::Cow;
 use std::collections::HashMap;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, SystemTime};
 
 use arc_swap::ArcSwap;
@@ -16,7 +17,7 @@ use prost_types::{Struct, Value, value::Kind};
 use tonic::Status;
 
 use crate::decide::{Snapshot, decide_cached};
-use crate::decision::{Allowed, Decision, Denied, Headers, Request};
+use crate::decision::{Allowed, Decision, Denied, DenyReason, Headers, Request};
 use crate::keys::KeyRefresher;
 use crate::proto::envoy::config::core::v3::{
     HeaderValue, HeaderValueOption, header_value_option::HeaderAppendAction,
@@ -155,8 +156,9 @@ pub struct CheckInput<'a> {
 enum HeaderSource<'a> {
     /// Envoy's default `headers` map, used as it is.
     Map(&'a HashMap<String, String>),
-    /// Envoy's `header_map` (with `encode_raw_headers`), values decoded to text.
-    List(Vec<(String, String)>),
+    /// Envoy's `header_map` (with `encode_raw_headers`), values decoded to text (borrowed
+    /// unless a value is not UTF-8).
+    List(Vec<(&'a str, Cow<'a, str>)>),
 }
 
 impl CheckInput<'_> {
@@ -203,13 +205,13 @@ pub fn to_request(check: &CheckRequest) -> Result<CheckInput<'_>, Status> {
 /// `raw_value` is what Envoy fills in a `header_map`; `value` is the older text form.
 /// Bytes that are not UTF-8 become U+FFFD rather than dropping the header, so a header
 /// that was sent still counts as sent (a missing header can pass a check a wrong one fails).
-fn header_pair(header: &HeaderValue) -> (String, String) {
+fn header_pair(header: &HeaderValue) -> (&str, Cow<'_, str>) {
     let value = if header.raw_value.is_empty() {
-        header.value.clone()
+        Cow::Borrowed(header.value.as_str())
     } else {
-        String::from_utf8_lossy(&header.raw_value).into_owned()
+        String::from_utf8_lossy(&header.raw_value)
     };
-    (header.key.clone(), value)
+    (header.key.as_str(), value)
 }
 
 /// The `CheckResponse` for a decision. The gRPC call itself succeeds for every decision;
@@ -268,16 +270,12 @@ fn allow_response(allowed: &Allowed) -> CheckResponse {
 
 fn deny_response(denied: &Denied) -> CheckResponse {
     let reason = denied.reason;
-    let http_status = reason.http_status();
-    let mut headers = vec![overwrite("content-type", "application/json")];
-    if let Some(challenge) = reason.www_authenticate() {
-        headers.push(overwrite("www-authenticate", challenge));
-    }
+    let template = DenyTemplate::of(reason);
     let denied_response = DeniedHttpResponse {
         status: Some(HttpStatus {
-            code: i32::from(http_status),
+            code: template.http_status,
         }),
-        headers,
+        headers: template.headers.clone(),
         body: error_body(reason.as_str(), &denied.message),
     };
     let mut metadata = Metadata::new("deny");
@@ -287,12 +285,46 @@ fn deny_response(denied: &Denied) -> CheckResponse {
     }
     CheckResponse {
         status: Some(rpc::Status {
-            code: rpc_code(http_status),
+            code: template.rpc_code,
             message: reason.as_str().to_owned(),
             details: Vec::new(),
         }),
         http_response: Some(HttpResponse::DeniedResponse(denied_response)),
         dynamic_metadata: Some(metadata.0),
+    }
+}
+
+/// What every deny of one reason shares, built once: its statuses and its headers.
+struct DenyTemplate {
+    http_status: i32,
+    rpc_code: i32,
+    headers: Vec<HeaderValueOption>,
+}
+
+impl DenyTemplate {
+    fn of(reason: DenyReason) -> &'static DenyTemplate {
+        static TEMPLATES: OnceLock<Vec<DenyTemplate>> = OnceLock::new();
+        let templates = TEMPLATES.get_or_init(|| {
+            DenyReason::ALL
+                .iter()
+                .map(|&reason| {
+                    let mut headers = vec![overwrite("content-type", "application/json")];
+                    if let Some(challenge) = reason.www_authenticate() {
+                        headers.push(overwrite("www-authenticate", challenge));
+                    }
+                    DenyTemplate {
+                        http_status: i32::from(reason.http_status()),
+                        rpc_code: rpc_code(reason.http_status()),
+                        headers,
+                    }
+                })
+                .collect()
+        });
+        let index = DenyReason::ALL
+            .iter()
+            .position(|&r| r == reason)
+            .unwrap_or_default();
+        &templates[index]
     }
 }
 
@@ -305,17 +337,35 @@ fn rpc_code(http_status: u16) -> i32 {
     }
 }
 
-#[derive(serde::Serialize)]
-struct ErrorBody<'a> {
-    error: &'a str,
-    message: &'a str,
+/// `{"error":"<reason>","message":"<message>"}`, written directly into one buffer.
+fn error_body(error: &str, message: &str) -> String {
+    let mut body = String::with_capacity(32 + error.len() + message.len());
+    body.push_str(r#"{"error":"#);
+    push_json_string(&mut body, error);
+    body.push_str(r#","message":"#);
+    push_json_string(&mut body, message);
+    body.push('}');
+    body
 }
 
-fn error_body(error: &str, message: &str) -> String {
-    // Serializing two strings into a String cannot fail; the fallback keeps a valid body
-    // without an `unwrap` in the request path.
-    serde_json::to_string(&ErrorBody { error, message })
-        .unwrap_or_else(|_| format!(r#"{{"error":"{error}"}}"#))
+/// A JSON string literal (RFC 8259 §7): quotes, backslashes and control characters escaped.
+fn push_json_string(out: &mut String, text: &str) {
+    out.push('"');
+    for c in text.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            '\t' => out.push_str("\\t"),
+            c if u32::from(c) < 0x20 => {
+                use std::fmt::Write as _;
+                let _ = write!(out, "\\u{:04x}", u32::from(c));
+            }
+            c => out.push(c),
+        }
+    }
+    out.push('"');
 }
 
 /// `OVERWRITE_IF_EXISTS_OR_ADD`: a value the client sent under the same name is replaced,
@@ -579,6 +629,18 @@ mod tests {
             serde_json::from_str(&denied_response(&to_response(&decision)).body)
                 .expect("body is JSON");
         assert_eq!(body["message"], r#"header "x-gitlab-realm" \ differs"#);
+    }
+
+    #[test]
+    fn deny_body_is_json_for_any_message() {
+        for message in ["tab\tnew\nline\r\u{1}\u{1f}", "é ✓ \u{7f} \"q\" \\", ""] {
+            let body: serde_json::Value =
+                serde_json::from_str(&error_body("bad_path", message)).expect("body is JSON");
+            assert_eq!(
+                body,
+                serde_json::json!({"error": "bad_path", "message": message})
+            );
+        }
     }
 
     #[test]

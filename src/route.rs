@@ -269,29 +269,25 @@ pub struct Conflict {
 /// Pattern → indices of the routes that claim it (one per disjoint method set).
 type RouteIndex = HashMap<Box<str>, Vec<usize>>;
 
-/// Routes compiled for lookup: exact paths in a map, prefixes grouped by length so the
-/// longest match costs one hash lookup per distinct prefix length, not a scan of all routes.
+/// Routes compiled for lookup: exact paths in a map, prefixes in a radix tree, so that the
+/// longest matching prefix is found in one walk down the tree. The walk is bounded by the
+/// path, not by the number of routes: 10,000 routes cost about what 10 do.
 #[derive(Clone, Debug, Default)]
 pub struct RouteTable {
     routes: Vec<Route>,
     exact: RouteIndex,
-    /// (length, prefix → route indices), longest first.
-    prefixes: Vec<(usize, RouteIndex)>,
+    prefixes: PrefixTree,
 }
 
 impl RouteTable {
     /// Builds the table; two routes claiming the same pattern for a common method conflict.
     pub fn new(routes: Vec<Route>) -> Result<RouteTable, Conflict> {
-        let mut exact: HashMap<Box<str>, Vec<usize>> = HashMap::new();
-        let mut by_len: HashMap<usize, HashMap<Box<str>, Vec<usize>>> = HashMap::new();
+        let mut exact: RouteIndex = HashMap::new();
+        let mut prefixes = PrefixTree::default();
         for (index, route) in routes.iter().enumerate() {
             let slot = match &route.pattern {
                 Pattern::Exact(p) => exact.entry(p.as_str().into()).or_default(),
-                Pattern::Prefix(p) => by_len
-                    .entry(p.len())
-                    .or_default()
-                    .entry(p.as_str().into())
-                    .or_default(),
+                Pattern::Prefix(p) => prefixes.slot(p.as_bytes()),
             };
             if let Some(&first) = slot
                 .iter()
@@ -304,8 +300,6 @@ impl RouteTable {
             }
             slot.push(index);
         }
-        let mut prefixes: Vec<_> = by_len.into_iter().collect();
-        prefixes.sort_by_key(|p| std::cmp::Reverse(p.0));
         Ok(RouteTable {
             routes,
             exact,
@@ -315,27 +309,126 @@ impl RouteTable {
 
     /// The route for a normalized path and a method.
     pub fn find(&self, path: &str, method: &str) -> Option<&Route> {
-        let pick = |ids: &Vec<usize>| {
+        let pick = |ids: &[usize]| {
             ids.iter()
                 .map(|&i| &self.routes[i])
                 .find(|r| r.methods.contains(method))
         };
-        if let Some(route) = self.exact.get(path).and_then(pick) {
+        if let Some(route) = self.exact.get(path).and_then(|ids| pick(ids)) {
             return Some(route);
         }
-        for (len, map) in &self.prefixes {
-            if path.len() < *len || !path.is_char_boundary(*len) {
-                continue;
+        // Prefixes of the path come shortest first; the last one that takes the method wins.
+        let mut longest = None;
+        self.prefixes.each_prefix_of(path.as_bytes(), |ids| {
+            if let Some(route) = pick(ids) {
+                longest = Some(route);
             }
-            if let Some(route) = map.get(&path[..*len]).and_then(pick) {
-                return Some(route);
-            }
-        }
-        None
+        });
+        longest
     }
 
     pub fn routes(&self) -> &[Route] {
         &self.routes
+    }
+}
+
+/// A radix tree of byte strings: each edge is labelled with the bytes it consumes, and a
+/// node holds the routes whose prefix ends there. Nodes live in one vector (index 0 is the
+/// root, with an empty label); children are found by their label's first byte.
+#[derive(Clone, Debug)]
+struct PrefixTree {
+    nodes: Vec<PrefixNode>,
+}
+
+#[derive(Clone, Debug, Default)]
+struct PrefixNode {
+    label: Box<[u8]>,
+    /// (first byte of the child's label, child index); at most one per byte.
+    children: Vec<(u8, u32)>,
+    routes: Vec<usize>,
+}
+
+impl Default for PrefixTree {
+    fn default() -> Self {
+        Self {
+            nodes: vec![PrefixNode::default()],
+        }
+    }
+}
+
+impl PrefixTree {
+    fn child(&self, node: usize, byte: u8) -> Option<usize> {
+        self.nodes[node]
+            .children
+            .iter()
+            .find(|(first, _)| *first == byte)
+            .map(|&(_, child)| child as usize)
+    }
+
+    fn push(&mut self, node: PrefixNode) -> usize {
+        self.nodes.push(node);
+        self.nodes.len() - 1
+    }
+
+    /// The route list of `prefix`'s node, made (by adding or splitting an edge) if needed.
+    fn slot(&mut self, prefix: &[u8]) -> &mut Vec<usize> {
+        let mut node = 0;
+        let mut rest = prefix;
+        while let Some(&first) = rest.first() {
+            let Some(child) = self.child(node, first) else {
+                let leaf = self.push(PrefixNode {
+                    label: rest.into(),
+                    ..PrefixNode::default()
+                });
+                self.nodes[node].children.push((first, leaf as u32));
+                node = leaf;
+                break;
+            };
+            let label = &self.nodes[child].label;
+            let common = label.iter().zip(rest).take_while(|(a, b)| a == b).count();
+            if common < label.len() {
+                // Split the edge: node -> mid (the common part) -> child (the remainder).
+                let (head, tail) = label.split_at(common);
+                let (head, tail): (Box<[u8]>, Box<[u8]>) = (head.into(), tail.into());
+                let tail_first = tail[0];
+                self.nodes[child].label = tail;
+                let mid = self.push(PrefixNode {
+                    label: head,
+                    children: vec![(tail_first, child as u32)],
+                    routes: Vec::new(),
+                });
+                for entry in &mut self.nodes[node].children {
+                    if entry.1 as usize == child {
+                        entry.1 = mid as u32;
+                    }
+                }
+                node = mid;
+            } else {
+                node = child;
+            }
+            rest = &rest[common..];
+        }
+        &mut self.nodes[node].routes
+    }
+
+    /// Calls `f` with the routes of every prefix of `path` that has some, shortest first.
+    fn each_prefix_of(&self, path: &[u8], mut f: impl FnMut(&[usize])) {
+        let mut node = 0;
+        let mut rest = path;
+        loop {
+            let routes = &self.nodes[node].routes;
+            if !routes.is_empty() {
+                f(routes);
+            }
+            let Some(child) = rest.first().and_then(|&b| self.child(node, b)) else {
+                return;
+            };
+            let Some(after) = rest.strip_prefix(&*self.nodes[child].label) else {
+                return;
+            };
+            node = child;
+            rest = after;
+        }
     }
 }
 
@@ -485,6 +578,57 @@ mod tests {
         );
         assert_eq!(Methods::parse(["FETCH"]).unwrap_err(), "FETCH");
         assert!(Methods::ANY.contains("PROPFIND"));
+    }
+
+    /// The radix tree against the definition: among the routes whose prefix starts the
+    /// path and that take the method, the longest prefix wins.
+    #[test]
+    fn longest_prefix_agrees_with_a_scan_of_every_route() {
+        let words = ["", "a", "ab", "abc", "b", "ba", "/", "x/", "é", "a/b"];
+        let get = Methods::parse(["GET"]).unwrap();
+        let post = Methods::parse(["POST"]).unwrap();
+        let mut routes = Vec::new();
+        for (i, w1) in words.iter().enumerate() {
+            for (j, w2) in words.iter().enumerate() {
+                let methods = if (i + j) % 3 == 0 { get } else { Methods::ANY };
+                routes.push(route(Pattern::Prefix(format!("/{w1}{w2}")), methods, 0));
+            }
+        }
+        // The same prefix twice would conflict: keep the first, then give some GET-only
+        // prefixes a second, POST-only route.
+        let mut seen = std::collections::HashSet::new();
+        routes.retain(|r| seen.insert(r.pattern.as_str().to_string()));
+        let posts: Vec<Route> = routes
+            .iter()
+            .filter(|r| r.methods == get)
+            .step_by(2)
+            .map(|r| route(r.pattern.clone(), post, 1))
+            .collect();
+        assert!(!posts.is_empty());
+        routes.extend(posts);
+        let t = RouteTable::new(routes.clone()).unwrap();
+        let mut checked = 0;
+        for w1 in words {
+            for w2 in words {
+                for w3 in ["", "c", "/d", "é/"] {
+                    let path = format!("/{w1}{w2}{w3}");
+                    for method in ["GET", "POST"] {
+                        let expected = routes
+                            .iter()
+                            .filter(|r| path.starts_with(r.pattern.as_str()))
+                            .filter(|r| r.methods.contains(method))
+                            .max_by_key(|r| r.pattern.as_str().len())
+                            .map(|r| (r.pattern.clone(), r.methods));
+                        let found = t
+                            .find(&path, method)
+                            .map(|r| (r.pattern.clone(), r.methods));
+                        assert_eq!(found, expected, "{method} {path}");
+                        checked += 1;
+                    }
+                }
+            }
+        }
+        assert_eq!(checked, 800);
     }
 
     #[test]
