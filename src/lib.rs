@@ -17,4 +17,5 @@ pub mod route;
 pub mod serve;
 pub mod token;
 pub mod token_cache;
+pub mod transport;
 pub mod verify;

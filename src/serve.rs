@@ -22,6 +22,7 @@ use crate::config::Config;
 use crate::decide::Snapshot;
 use crate::grpc::AuthzService;
 use crate::keys::{KeyManager, KeyRefresher};
+use crate::transport::CoalescingIncoming;
 
 /// The gRPC service name that health checks ask about, besides the server as a whole ("").
 const AUTHZ_SERVICE_NAME: &str = "envoy.service.auth.v3.Authorization";
@@ -85,7 +86,9 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
                 .add_service(health_service)
                 .add_service(authz)
                 .serve_with_incoming_shutdown(
-                    TcpIncoming::from(grpc_listener).with_nodelay(Some(true)),
+                    CoalescingIncoming::new(
+                        TcpIncoming::from(grpc_listener).with_nodelay(Some(true)),
+                    ),
                     async move {
                         let _ = stopped.wait_for(|s| *s).await;
                     },
