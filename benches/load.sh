@@ -1,0 +1,327 @@
+#!/usr/bin/env bash
+# The load benchmark of BENCHMARKS.md. Everything runs on 127.0.0.1 and every run is
+# bounded in time; it stops by itself and stops only the processes it started.
+#
+#   benches/load.sh                 # about 6 minutes after the release build
+#   ROUNDS=5 SECONDS_PER_RUN=20 benches/load.sh
+#   PROFILE=1 benches/load.sh       # also a perf profile of connector-authz under h2load
+#
+# 1. Through a real Envoy (--concurrency 1), the same allowed request, alternated A N B per
+#    round with wrk -c16: A = ext_authz -> connector-authz, N = ext_authz -> the do-nothing
+#    server (examples/noop_authz.rs), B = Envoy's jwt_authn (its JWT cache, local_jwks) + RBAC;
+#    and S = ext_authz -> the do-nothing server giving connector-authz's own allow answer
+#    (noop_authz --same-answer), which splits A - N into what Envoy spends on the answer
+#    (identity headers, access-log metadata) and what connector-authz spends deciding.
+#    Configs: benches/envoy/ext-authz.yaml (A and N), benches/envoy/jwt-authn.yaml (B).
+# 2. CPU seconds per Check of connector-authz and of the do-nothing server (utime + stime
+#    from /proc/PID/stat over each run, divided by the requests wrk counted).
+# 3. The Check RPC directly with h2load (no Envoy): connector-authz with a warm cache (one
+#    token), connector-authz with the cache off (tokens.cache_entries: 0, which costs what a
+#    new token on every request costs: parse + RS256 verify), the do-nothing server (N) and
+#    the same-answer one (S).
+# 4. Peak RSS (VmHWM) idle and after the load, and examples/cache_rss with 100,000 tokens.
+#
+# Installs what it needs: Envoy and wrk (scripts/install-test-deps.sh --load), h2load
+# (Debian's nghttp2-client). Results: a summary on stdout and raw outputs in $OUT_DIR
+# (default target/load-bench/<timestamp>).
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+repo=$(pwd)
+
+ROUNDS=${ROUNDS:-3}
+SECONDS_PER_RUN=${SECONDS_PER_RUN:-10}
+CONNECTIONS=${CONNECTIONS:-16}
+PROFILE=${PROFILE:-0}
+target_dir=${CARGO_TARGET_DIR:-$repo/target}
+OUT_DIR=${OUT_DIR:-$target_dir/load-bench/$(date +%Y%m%d-%H%M%S)}
+mkdir -p "$OUT_DIR"
+started=$(date +%s)
+
+say() { echo "load.sh: $*" >&2; }
+
+# ---------------------------------------------------------------------------------------
+# Tools
+
+ENVOY_BIN=${ENVOY_BIN:-$(scripts/install-test-deps.sh --load | tail -n1)}
+if ! command -v h2load >/dev/null 2>&1; then
+  say "apt-get install nghttp2-client (h2load)"
+  DEBIAN_FRONTEND=noninteractive apt-get update -qq >&2
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nghttp2-client >&2
+fi
+command -v wrk >/dev/null && command -v h2load >/dev/null
+
+say "building release binaries (LTO; minutes when not up to date)"
+cargo build --release --locked --bin connector-authz --example noop_authz \
+  --example load_fixture --example cache_rss >&2
+bin=$target_dir/release
+authz_bin=$bin/connector-authz
+
+# ---------------------------------------------------------------------------------------
+# Processes: every one started here is recorded and stopped on exit, by its own pid.
+
+pids=()
+cleanup() {
+  for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
+  for pid in "${pids[@]}"; do wait "$pid" 2>/dev/null || true; done
+}
+trap cleanup EXIT
+
+free_port() {
+  python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'
+}
+
+wait_http() { # url: wait up to 20 s for a 200
+  for _ in $(seq 200); do
+    if curl -fsS -o /dev/null "$1" 2>/dev/null; then return 0; fi
+    sleep 0.1
+  done
+  say "$1 never answered 200"; return 1
+}
+
+wait_port() { # port: wait up to 20 s for a listener
+  for _ in $(seq 200); do
+    if (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; then return 0; fi
+    sleep 0.1
+  done
+  say "nothing listens on 127.0.0.1:$1"; return 1
+}
+
+start() { # name, command...: runs it in the background, logs to $OUT_DIR/name.log
+  local name=$1; shift
+  "$@" >"$OUT_DIR/$name.log" 2>&1 &
+  pids+=("$!")
+  last_pid=$!
+}
+
+stop() { # pid
+  kill "$1" 2>/dev/null || true
+  wait "$1" 2>/dev/null || true
+}
+
+cpu_ticks() { # pid: utime + stime, in clock ticks
+  awk '{print $14 + $15}' "/proc/$1/stat"
+}
+
+vm_kib() { # pid, field (VmHWM, VmRSS)
+  awk -v f="$2:" '$1 == f {print $2}' "/proc/$1/status"
+}
+
+hz=$(getconf CLK_TCK)
+
+# ---------------------------------------------------------------------------------------
+# Fixtures and servers
+
+authz_grpc=$(free_port); authz_admin=$(free_port); noop_grpc=$(free_port); same_grpc=$(free_port)
+"$bin/examples/load_fixture" "$OUT_DIR/fixture" "$authz_grpc" "$authz_admin" >/dev/null
+fixture=$OUT_DIR/fixture
+token=$(cat "$fixture/token")
+
+start authz "$authz_bin" serve --config "$fixture/authz.yaml"
+authz_pid=$last_pid
+wait_http "http://127.0.0.1:$authz_admin/readyz"
+start noop "$bin/examples/noop_authz" "127.0.0.1:$noop_grpc"
+noop_pid=$last_pid
+wait_port "$noop_grpc"
+start same "$bin/examples/noop_authz" "127.0.0.1:$same_grpc" --same-answer
+same_pid=$last_pid
+wait_port "$same_grpc"
+sleep 1
+authz_idle_hwm=$(vm_kib "$authz_pid" VmHWM)
+noop_idle_hwm=$(vm_kib "$noop_pid" VmHWM)
+
+# The request: what a GitLab instance sends to the AI gateway for a code completion.
+instance=0f1b7a53-6e34-4c1e-9a0c-2a7d6b1d9e42
+"$authz_bin" check --grpc "127.0.0.1:$authz_grpc" --method POST --path /ai/v2/code/completions \
+  --header x-gitlab-realm:self-managed --header "x-gitlab-instance-id:$instance" \
+  --token "$token" >"$OUT_DIR/check.txt" 2>&1 \
+  || { say "connector-authz does not allow the benchmark request:"; cat "$OUT_DIR/check.txt" >&2; exit 1; }
+
+render() { # template out KEY=VALUE...
+  local template=$1 out=$2; shift 2
+  scripts/render-envoy-config.sh -o "$out" "$template" "$@"
+}
+
+declare -A envoy_port
+for config in A N S B; do
+  listen=$(free_port); admin=$(free_port)
+  case $config in
+    A) render benches/envoy/ext-authz.yaml "$OUT_DIR/envoy-A.yaml" LISTEN_PORT="$listen" ADMIN_PORT="$admin" AUTHZ_PORT="$authz_grpc" ;;
+    N) render benches/envoy/ext-authz.yaml "$OUT_DIR/envoy-N.yaml" LISTEN_PORT="$listen" ADMIN_PORT="$admin" AUTHZ_PORT="$noop_grpc" ;;
+    S) render benches/envoy/ext-authz.yaml "$OUT_DIR/envoy-S.yaml" LISTEN_PORT="$listen" ADMIN_PORT="$admin" AUTHZ_PORT="$same_grpc" ;;
+    B) render benches/envoy/jwt-authn.yaml "$OUT_DIR/envoy-B.yaml" LISTEN_PORT="$listen" ADMIN_PORT="$admin" \
+         ISSUER=https://customers.gitlab.com AUDIENCE=gitlab-ai-gateway JWKS="$(cat "$fixture/jwks.json")" ;;
+  esac
+  start "envoy-$config" "$ENVOY_BIN" -c "$OUT_DIR/envoy-$config.yaml" --concurrency 1 \
+    --disable-hot-restart --log-level warn --base-id "$((RANDOM + 1000))"
+  wait_http "http://127.0.0.1:$admin/ready"
+  envoy_port[$config]=$listen
+done
+
+wrk_script=$OUT_DIR/post.lua
+cat >"$wrk_script" <<'LUA'
+wrk.method = "POST"
+wrk.body = '{"prompt":"def hello"}'
+wrk.headers["Content-Type"] = "application/json"
+LUA
+request_headers=(-H "Authorization: Bearer $token" -H "X-Gitlab-Realm: self-managed"
+  -H "X-Gitlab-Instance-Id: $instance" -H "X-Gitlab-Version: 17.5.0")
+
+for config in A N S B; do
+  code=$(curl -s -o /dev/null -w '%{http_code}' -X POST "${request_headers[@]}" \
+    "http://127.0.0.1:${envoy_port[$config]}/ai/v2/code/completions")
+  [ "$code" = 200 ] || { say "config $config answers $code, not 200; see $OUT_DIR"; exit 1; }
+  code=$(curl -s -o /dev/null -w '%{http_code}' -X POST \
+    "http://127.0.0.1:${envoy_port[$config]}/ai/v2/code/completions")
+  [ "$code" = 401 ] || [ "$config" = N ] || [ "$config" = S ] || { say "config $config lets a request without token through ($code)"; exit 1; }
+done
+
+# ---------------------------------------------------------------------------------------
+# 1 + 2: through Envoy, A N B alternated
+
+results=$OUT_DIR/results.tsv
+echo -e "kind\tconfig\tround\treq_per_s\tp50_ms\tp90_ms\tp99_ms\trequests\tnon2xx\tserver_cpu_us_per_req" >"$results"
+
+to_ms() { # wrk latency like 812.00us, 1.23ms, 1.01s
+  awk -v v="$1" 'BEGIN {
+    if (v ~ /us$/) { sub(/us$/, "", v); print v / 1000 }
+    else if (v ~ /ms$/) { sub(/ms$/, "", v); print v + 0 }
+    else if (v ~ /s$/) { sub(/s$/, "", v); print v * 1000 }
+    else print v }'
+}
+
+run_wrk() { # config round
+  local config=$1 round=$2 out=$OUT_DIR/wrk-$1-$2.txt server_pid="" before=0
+  case $config in A) server_pid=$authz_pid ;; N) server_pid=$noop_pid ;; S) server_pid=$same_pid ;; esac
+  [ -n "$server_pid" ] && before=$(cpu_ticks "$server_pid")
+  wrk -t1 -c"$CONNECTIONS" -d"${SECONDS_PER_RUN}s" --latency --timeout 5s -s "$wrk_script" \
+    "${request_headers[@]}" "http://127.0.0.1:${envoy_port[$config]}/ai/v2/code/completions" >"$out"
+  local cpu=""
+  local requests rps p50 p90 p99 non2xx
+  requests=$(awk '/requests in/ {print $1}' "$out")
+  rps=$(awk '/^Requests\/sec/ {print $2}' "$out")
+  p50=$(to_ms "$(awk '$1 == "50%" {print $2}' "$out")")
+  p90=$(to_ms "$(awk '$1 == "90%" {print $2}' "$out")")
+  p99=$(to_ms "$(awk '$1 == "99%" {print $2}' "$out")")
+  non2xx=$(awk '/Non-2xx/ {print $NF}' "$out"); non2xx=${non2xx:-0}
+  if [ -n "$server_pid" ]; then
+    cpu=$(awk -v a="$before" -v b="$(cpu_ticks "$server_pid")" -v n="$requests" -v hz="$hz" \
+      'BEGIN {printf "%.1f", (b - a) / hz / n * 1e6}')
+  fi
+  echo -e "envoy\t$config\t$round\t$rps\t$p50\t$p90\t$p99\t$requests\t$non2xx\t$cpu" >>"$results"
+  say "envoy $config round $round: $rps req/s, p50 ${p50} ms, p99 ${p99} ms, non-2xx $non2xx${cpu:+, server CPU ${cpu} us/req}"
+}
+
+say "through Envoy: $ROUNDS rounds of A N S B, ${SECONDS_PER_RUN}s each, -c$CONNECTIONS"
+for round in $(seq "$ROUNDS"); do
+  for config in A N S B; do run_wrk "$config" "$round"; sleep 1; done
+done
+
+# ---------------------------------------------------------------------------------------
+# 3: the Check RPC directly with h2load
+
+run_h2load() { # label pid port
+  local label=$1 pid=$2 port=$3 out=$OUT_DIR/h2load-$1.txt
+  local before; before=$(cpu_ticks "$pid")
+  h2load -t1 -c"$CONNECTIONS" -m1 -D "$SECONDS_PER_RUN" --warm-up-time 1 \
+    -d "$fixture/check.bin" -H 'content-type: application/grpc' -H 'te: trailers' \
+    "http://127.0.0.1:$port/envoy.service.auth.v3.Authorization/Check" >"$out"
+  local after rps done p50 mean
+  after=$(cpu_ticks "$pid")
+  rps=$(awk '/^finished in/ {print $4}' "$out")
+  done=$(awk '/^requests:/ {print $8}' "$out")
+  mean=$(awk '/^time for request:/ {print $6}' "$out")
+  local cpu
+  cpu=$(awk -v a="$before" -v b="$after" -v n="$done" -v hz="$hz" 'BEGIN {printf "%.1f", (b - a) / hz / n * 1e6}')
+  local status2xx; status2xx=$(awk '/^status codes:/ {print $3}' "$out")
+  echo -e "h2load\t$label\t1\t$rps\t\t\t\t$done\t$((done - ${status2xx:-0}))\t$cpu" >>"$results"
+  say "h2load $label: $rps req/s ($done done, mean $mean per request), server CPU $cpu us/req"
+}
+
+say "the Check RPC directly (h2load)"
+for round in $(seq "$ROUNDS"); do
+  run_h2load "warm-$round" "$authz_pid" "$authz_grpc"
+  run_h2load "noop-$round" "$noop_pid" "$noop_grpc"
+  run_h2load "same-$round" "$same_pid" "$same_grpc"
+done
+authz_loaded_hwm=$(vm_kib "$authz_pid" VmHWM)
+
+if [ "$PROFILE" = 1 ] && command -v perf >/dev/null; then
+  say "perf profile of connector-authz under h2load (warm cache)"
+  perf record -e cpu-clock -F 2999 -g -p "$authz_pid" -o "$OUT_DIR/perf-warm.data" -- sleep 8 >/dev/null 2>&1 &
+  perf_pid=$!
+  h2load -t1 -c"$CONNECTIONS" -m1 -D 8 -d "$fixture/check.bin" -H 'content-type: application/grpc' \
+    -H 'te: trailers' "http://127.0.0.1:$authz_grpc/envoy.service.auth.v3.Authorization/Check" >/dev/null
+  wait "$perf_pid" || true
+  perf report -i "$OUT_DIR/perf-warm.data" --no-children --percent-limit 1 --stdio \
+    --sort dso,symbol 2>/dev/null | grep -E '^ +[0-9]' >"$OUT_DIR/perf-warm.txt" || true
+fi
+
+# The cache off: restart connector-authz on the same ports with tokens.cache_entries: 0.
+stop "$authz_pid"
+start authz-nocache "$authz_bin" serve --config "$fixture/authz-nocache.yaml"
+authz_pid=$last_pid
+wait_http "http://127.0.0.1:$authz_admin/readyz"
+for round in $(seq "$ROUNDS"); do
+  run_h2load "uncached-$round" "$authz_pid" "$authz_grpc"
+done
+
+# ---------------------------------------------------------------------------------------
+# 4: memory
+
+rss_line=$("$bin/examples/cache_rss" 100000)
+echo "$rss_line" >"$OUT_DIR/cache_rss.txt"
+
+# ---------------------------------------------------------------------------------------
+# Summary: medians (and min..max) per configuration
+
+summary() {
+  python3 - "$results" <<'PY'
+import csv, statistics, sys
+rows = list(csv.DictReader(open(sys.argv[1]), delimiter="\t"))
+def col(kind, prefix, name):
+    return [float(r[name]) for r in rows if r["kind"] == kind and r["config"].startswith(prefix) and r[name]]
+def show(kind, prefix, label):
+    rps = col(kind, prefix, "req_per_s")
+    if not rps:
+        return None
+    line = f"{label:<38} req/s median {statistics.median(rps):8.0f} (min {min(rps):.0f}, max {max(rps):.0f})"
+    p99 = col(kind, prefix, "p99_ms")
+    if p99:
+        line += f"  p50 {statistics.median(col(kind, prefix, 'p50_ms')):.2f} ms  p99 {statistics.median(p99):.2f} ms"
+    cpu = col(kind, prefix, "server_cpu_us_per_req")
+    if cpu:
+        line += f"  server CPU {statistics.median(cpu):.1f} us/req (min {min(cpu):.1f}, max {max(cpu):.1f})"
+    print(line)
+    return statistics.median(rps), (statistics.median(p99) if p99 else None), (statistics.median(cpu) if cpu else None)
+a = show("envoy", "A", "A  Envoy ext_authz -> connector-authz")
+n = show("envoy", "N", "N  Envoy ext_authz -> do-nothing")
+s_ = show("envoy", "S", "S  ext_authz -> do-nothing, same answer")
+b = show("envoy", "B", "B  Envoy jwt_authn + RBAC")
+w = show("h2load", "warm", "h2load connector-authz, warm cache")
+u = show("h2load", "uncached", "h2load connector-authz, cache off")
+o = show("h2load", "noop", "h2load do-nothing server")
+so = show("h2load", "same", "h2load do-nothing, same answer")
+if a and n:
+    print(f"A/N req/s {a[0]/n[0]:.3f}   A/N p99 {a[1]/n[1]:.3f}   A/N server CPU per Check {a[2]/n[2]:.2f}")
+if a and s_:
+    print(f"A/S req/s {a[0]/s_[0]:.3f}   A/S p99 {a[1]/s_[1]:.3f}   A/S server CPU per Check {a[2]/s_[2]:.2f}   S/N req/s {s_[0]/n[0]:.3f}")
+if a and b:
+    print(f"A/B req/s {a[0]/b[0]:.3f}   A/B p99 {a[1]/b[1]:.3f}")
+if w and o:
+    print(f"h2load warm/do-nothing req/s {w[0]/o[0]:.3f}   CPU per Check {w[2]/o[2]:.2f}")
+if w and so:
+    print(f"h2load warm/same-answer req/s {w[0]/so[0]:.3f}   CPU per Check {w[2]/so[2]:.2f}")
+if u and o:
+    print(f"h2load uncached/do-nothing req/s {u[0]/o[0]:.3f}   CPU per Check {u[2]/o[2]:.2f}")
+PY
+}
+
+{
+  echo "== $(date -u +%FT%TZ)  $(nproc) CPUs  load average at end: $(cut -d' ' -f1-3 /proc/loadavg)"
+  echo "rounds $ROUNDS x ${SECONDS_PER_RUN}s, -c$CONNECTIONS, envoy $("$ENVOY_BIN" --version | grep -o 'version: [^ ]*' | head -n1)"
+  summary
+  awk -v i="$authz_idle_hwm" -v l="$authz_loaded_hwm" -v n="$noop_idle_hwm" 'BEGIN {
+    printf "RSS (VmHWM): connector-authz idle %.1f MiB, after the load %.1f MiB; do-nothing idle %.1f MiB\n", i / 1024, l / 1024, n / 1024 }'
+  echo "cache_rss: $rss_line"
+  echo "took $(( $(date +%s) - started )) s; raw outputs in $OUT_DIR"
+} | tee "$OUT_DIR/summary.txt"
