@@ -198,7 +198,7 @@ impl AuthzService {
             if self.deprecations.first_use(config, name) {
                 tracing::warn!(
                     unit_primitive = name,
-                    message = deprecation.message.as_deref().unwrap_or(""),
+                    deprecation = deprecation.message.as_deref().unwrap_or(""),
                     url = deprecation.by_url.as_deref().unwrap_or(""),
                     "a request was allowed through a deprecated unit primitive (logged once per unit primitive until the configuration is reloaded)"
                 );

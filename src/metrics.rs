@@ -157,7 +157,7 @@ impl Metrics {
         let config_reloads = Family::<ResultLabels, Counter>::default();
         // Both results are shown from the start, at 0, so that a rate() over them works.
         for result in ["success", "error"] {
-            config_reloads.get_or_create(&ResultLabels { result });
+            drop(config_reloads.get_or_create(&ResultLabels { result }));
         }
         registry.register(
             "config_reloads",
