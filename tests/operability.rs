@@ -951,3 +951,49 @@ backends:
         );
     }
 }
+
+#[tokio::test]
+async fn draining_says_not_serving_before_the_listener_closes() {
+    use tonic_health::pb::health_check_response::ServingStatus;
+    use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
+
+    let dir = tempfile::tempdir().expect("temp dir");
+    let (running, _) = start_from_file(dir.path(), &reload_yaml(dir.path(), "/a/", false)).await;
+    let channel = Channel::from_shared(format!("http://{}", running.grpc_addr))
+        .expect("uri")
+        .connect()
+        .await
+        .expect("connects");
+    let mut watch = HealthClient::new(channel)
+        .watch(HealthCheckRequest {
+            service: "envoy.service.auth.v3.Authorization".into(),
+        })
+        .await
+        .expect("watch")
+        .into_inner();
+    let status = |m: Option<tonic_health::pb::HealthCheckResponse>| {
+        ServingStatus::try_from(m.expect("a status").status).expect("known status")
+    };
+    assert_eq!(
+        status(watch.message().await.expect("message")),
+        ServingStatus::Serving
+    );
+    let admin = running.admin_addr;
+    let shutdown = tokio::spawn(running.shutdown_within(Duration::from_secs(5)));
+    assert_eq!(
+        status(watch.message().await.expect("message")),
+        ServingStatus::NotServing
+    );
+    let readyz = reqwest::get(format!("http://{admin}/readyz"))
+        .await
+        .expect("admin still answers while draining");
+    assert_eq!(readyz.status(), 503);
+    let body: Value = serde_json::from_slice(&readyz.bytes().await.expect("body")).expect("JSON");
+    assert_eq!(body["draining"], true);
+    // An open Watch is a stream in flight: closing it lets the drain finish.
+    drop(watch);
+    tokio::time::timeout(Duration::from_secs(5), shutdown)
+        .await
+        .expect("drained within the bound")
+        .expect("shutdown task");
+}
