@@ -40,7 +40,12 @@ pub enum LogFormat {
 #[derive(Subcommand, Debug)]
 pub enum Command {
     /// Run the sidecar.
-    Serve(ServeArgs),
+    Serve {
+        #[command(flatten)]
+        source: ServeArgs,
+        #[command(flatten)]
+        listen: ListenArgs,
+    },
     /// Validate a configuration and show what it enforces.
     CheckConfig {
         #[arg(long)]
@@ -61,6 +66,27 @@ pub struct ServeArgs {
     /// Run with an embedded development issuer and the demo routes: no files, no network.
     #[arg(long)]
     pub dev: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct ListenArgs {
+    /// Listen for gRPC here instead of the configuration's `listen.grpc`.
+    #[arg(long)]
+    pub grpc: Option<SocketAddr>,
+    /// Serve /healthz and /readyz here instead of the configuration's `listen.admin`.
+    #[arg(long)]
+    pub admin: Option<SocketAddr>,
+}
+
+impl ListenArgs {
+    fn apply(&self, config: &mut Config) {
+        if let Some(grpc) = self.grpc {
+            config.listen.grpc = grpc;
+        }
+        if let Some(admin) = self.admin {
+            config.listen.admin = admin;
+        }
+    }
 }
 
 #[derive(Args, Debug)]
@@ -113,16 +139,17 @@ fn parse_key_value<const SEP: char>(s: &str) -> Result<(String, String), String>
 
 pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
-        Command::Serve(args) => serve(args).await,
+        Command::Serve { source, listen } => serve(source, listen).await,
         Command::CheckConfig { config } => check_config(&config),
         Command::Mint(args) => mint(args),
         Command::Check(args) => check(args).await,
     }
 }
 
-async fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
+async fn serve(args: ServeArgs, listen: ListenArgs) -> anyhow::Result<ExitCode> {
     if args.dev {
-        let setup = crate::devmode::prepare()?;
+        let mut setup = crate::devmode::prepare()?;
+        listen.apply(&mut setup.config);
         print_out(&setup.banner())?;
         let result = crate::serve::run(setup.config, shutdown_signal()).await;
         // The directory holds the dev private key: it lives only as long as the server.
@@ -132,7 +159,9 @@ async fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
         result?;
     } else {
         let path = args.config.expect("clap requires --config or --dev");
-        crate::serve::run(Config::load(&path)?, shutdown_signal()).await?;
+        let mut config = Config::load(&path)?;
+        listen.apply(&mut config);
+        crate::serve::run(config, shutdown_signal()).await?;
     }
     Ok(ExitCode::SUCCESS)
 }
