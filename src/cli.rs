@@ -40,7 +40,15 @@ pub enum LogFormat {
 #[derive(Subcommand, Debug)]
 pub enum Command {
     /// Run the sidecar.
-    Serve(ServeArgs),
+    Serve {
+        #[command(flatten)]
+        source: ServeArgs,
+        #[command(flatten)]
+        listen: ListenArgs,
+        /// On SIGTERM or SIGINT, how long Checks in flight may take to finish.
+        #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+        drain_timeout: Duration,
+    },
     /// Validate a configuration and show what it enforces.
     CheckConfig {
         #[arg(long)]
@@ -55,17 +63,14 @@ pub enum Command {
 }
 
 #[derive(Args, Debug)]
-#[command(group(clap::ArgGroup::new("source").required(true).multiple(false)))]
+#[group(required = true, multiple = false)]
 pub struct ServeArgs {
     /// The configuration file. Reloaded on SIGHUP and when its contents change.
-    #[arg(long, group = "source")]
+    #[arg(long)]
     pub config: Option<PathBuf>,
     /// Run with an embedded development issuer and the demo routes: no files, no network.
-    #[arg(long, group = "source")]
+    #[arg(long)]
     pub dev: bool,
-    /// On SIGTERM or SIGINT, how long Checks in flight may take to finish.
-    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
-    pub drain_timeout: Duration,
 }
 
 #[derive(Args, Debug)]
@@ -87,6 +92,27 @@ pub struct ExplainArgs {
     /// Fetch the token issuer's keys now, instead of the jwks_files and keys.cache_dir.
     #[arg(long)]
     pub fetch: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct ListenArgs {
+    /// Listen for gRPC here instead of the configuration's `listen.grpc`.
+    #[arg(long)]
+    pub grpc: Option<SocketAddr>,
+    /// Serve /healthz and /readyz here instead of the configuration's `listen.admin`.
+    #[arg(long)]
+    pub admin: Option<SocketAddr>,
+}
+
+impl ListenArgs {
+    fn apply(&self, config: &mut Config) {
+        if let Some(grpc) = self.grpc {
+            config.listen.grpc = grpc;
+        }
+        if let Some(admin) = self.admin {
+            config.listen.admin = admin;
+        }
+    }
 }
 
 #[derive(Args, Debug)]
@@ -139,7 +165,11 @@ fn parse_key_value<const SEP: char>(s: &str) -> Result<(String, String), String>
 
 pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
-        Command::Serve(args) => serve(args).await,
+        Command::Serve {
+            source,
+            listen,
+            drain_timeout,
+        } => serve(source, listen, drain_timeout).await,
         Command::CheckConfig { config } => check_config(&config),
         Command::Explain(args) => explain(args).await,
         Command::Mint(args) => mint(args),
@@ -147,15 +177,15 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     }
 }
 
-async fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
+async fn serve(args: ServeArgs, listen: ListenArgs, drain: Duration) -> anyhow::Result<ExitCode> {
     // Signal handlers go in before anything listens, so that a SIGTERM or SIGHUP sent as
     // soon as the sidecar answers is never met by the default action (exit at once).
     let mut signals = Signals::new()?;
     if args.dev {
-        let setup = crate::devmode::prepare()?;
+        let mut setup = crate::devmode::prepare()?;
+        listen.apply(&mut setup.config);
         print_out(&setup.banner())?;
-        let result =
-            serve_until_stopped(setup.config, false, args.drain_timeout, &mut signals).await;
+        let result = serve_until_stopped(setup.config, None, drain, &mut signals).await;
         // The directory holds the dev private key: it lives only as long as the server.
         if let Err(e) = std::fs::remove_dir_all(&setup.dir) {
             tracing::warn!(dir = %setup.dir.display(), error = %e, "cannot remove the dev directory");
@@ -163,23 +193,31 @@ async fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
         result?;
     } else {
         let path = args.config.expect("clap requires --config or --dev");
-        serve_until_stopped(Config::load(&path)?, true, args.drain_timeout, &mut signals).await?;
+        let mut config = Config::load(&path)?;
+        listen.apply(&mut config);
+        serve_until_stopped(config, Some(listen), drain, &mut signals).await?;
     }
     Ok(ExitCode::SUCCESS)
 }
 
-/// Serves, reloading on SIGHUP and file changes (`reload`), until SIGTERM or SIGINT; then
-/// drains for at most `drain`.
+/// Serves until SIGTERM or SIGINT, then drains for at most `drain`. With `reload` (the
+/// command line's listen overrides, which apply to reloaded configurations too), reloads
+/// on SIGHUP and when the configuration file changes.
 async fn serve_until_stopped(
     config: Config,
-    reload: bool,
+    reload: Option<ListenArgs>,
     drain: Duration,
     signals: &mut Signals,
 ) -> anyhow::Result<()> {
     let mut running = crate::serve::start(config).await?;
-    if reload {
-        running.watch_config(crate::serve::CONFIG_POLL_INTERVAL);
-    }
+    let reload = match reload {
+        Some(listen) => {
+            running.adjust_reloads(move |config| listen.apply(config));
+            running.watch_config(crate::serve::CONFIG_POLL_INTERVAL);
+            true
+        }
+        None => false,
+    };
     loop {
         match signals.next().await {
             Signal::Stop(name) => {

@@ -71,6 +71,13 @@ impl Running {
         self.reloader.reload().await
     }
 
+    /// Changes every reloaded configuration before it is checked and swapped in, as the
+    /// first one was changed before [`start`] (command-line overrides of `listen`). Set it
+    /// before [`Running::watch_config`]; a second call is ignored.
+    pub fn adjust_reloads(&mut self, adjust: impl Fn(&mut Config) + Send + Sync + 'static) {
+        let _ = self.reloader.adjust.set(Box::new(adjust));
+    }
+
     /// Reloads whenever the configuration file's contents change, looking every `every`.
     /// Reading the contents (rather than a modification time) also sees a Kubernetes
     /// ConfigMap update, which swaps a symlink under the file's path.
@@ -212,6 +219,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         keys: keys.clone(),
         metrics: metrics.clone(),
         one_at_a_time: tokio::sync::Mutex::new(()),
+        adjust: std::sync::OnceLock::new(),
         seen: std::sync::Mutex::new(None),
     });
     Ok(Running {
@@ -240,6 +248,9 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
     Ok(())
 }
 
+/// A change made to every reloaded configuration (see [`Running::adjust_reloads`]).
+type AdjustConfig = Box<dyn Fn(&mut Config) + Send + Sync>;
+
 /// Reloads the configuration file on request (SIGHUP, a change of the file).
 struct Reloader {
     path: PathBuf,
@@ -248,6 +259,7 @@ struct Reloader {
     keys: Arc<KeyManager>,
     metrics: Arc<Metrics>,
     one_at_a_time: tokio::sync::Mutex<()>,
+    adjust: std::sync::OnceLock<AdjustConfig>,
     /// The fingerprint of the file contents last loaded (or rejected).
     seen: std::sync::Mutex<Option<u64>>,
 }
@@ -265,7 +277,7 @@ impl Reloader {
                     ConfigError::new(&self.path, 0, format!("reload did not finish: {e}"))
                 })?;
         self.remember(fingerprint);
-        let config = match loaded {
+        let mut config = match loaded {
             Ok(config) => config,
             Err(error) => {
                 self.metrics.config_reloaded(false);
@@ -273,6 +285,9 @@ impl Reloader {
                 return Err(error);
             }
         };
+        if let Some(adjust) = self.adjust.get() {
+            adjust(&mut config);
+        }
         if config.listen != self.listen {
             tracing::warn!(
                 grpc = %config.listen.grpc,
