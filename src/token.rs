@@ -6,7 +6,7 @@
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use serde::Deserialize;
-use serde::de::{self, Deserializer};
+use serde::de::{self, DeserializeOwned, Deserializer};
 
 use crate::decision::{DenyReason, HeaderValue, Headers};
 
@@ -172,8 +172,8 @@ pub fn split(token: &str) -> Result<UnverifiedToken<'_>, TokenError> {
         return Err(malformed("the bearer token has an empty segment"));
     }
     let header_json = decode_segment(header)?;
-    let header: JoseHeader = serde_json::from_slice(&header_json)
-        .map_err(|_| malformed("the token header is not a valid JOSE header"))?;
+    let header: JoseHeader = json_object(&header_json)
+        .ok_or_else(|| malformed("the token header is not a valid JOSE header"))?;
     if header.crit.is_some() {
         return Err(malformed(
             "the token header marks extensions as critical, and none are supported",
@@ -192,9 +192,18 @@ impl UnverifiedToken<'_> {
     /// Decodes the claims. Their types are checked here; their values after the signature.
     pub fn claims(&self) -> Result<Claims, TokenError> {
         let json = decode_segment(self.payload)?;
-        serde_json::from_slice(&json)
-            .map_err(|_| malformed("the token claims are not valid JSON of the expected types"))
+        json_object(&json)
+            .ok_or_else(|| malformed("the token claims are not valid JSON of the expected types"))
     }
+}
+
+/// Parses a JSON object, and only an object: serde would also fill a struct from a JSON
+/// array, position by position, and a signed array is not a JOSE header or a claims set.
+fn json_object<T: DeserializeOwned>(json: &[u8]) -> Option<T> {
+    if json.trim_ascii_start().first() != Some(&b'{') {
+        return None;
+    }
+    serde_json::from_slice(json).ok()
 }
 
 fn decode_segment(segment: &str) -> Result<Vec<u8>, TokenError> {
@@ -333,6 +342,30 @@ mod tests {
             let err = split(&t).unwrap().claims().unwrap_err();
             assert_eq!(err.reason, DenyReason::MalformedToken, "{claims}");
         }
+    }
+
+    #[test]
+    fn header_and_claims_must_be_json_objects() {
+        // serde reads a struct from an array too (positionally): a signed array is not a JWT.
+        let err = |t: &str| split(t).map(|_| ()).unwrap_err().reason;
+        assert_eq!(
+            err(&token(r#"["RS256","k1"]"#, "{}")),
+            DenyReason::MalformedToken
+        );
+        assert_eq!(
+            err(&token(r#" ["RS256"]"#, "{}")),
+            DenyReason::MalformedToken
+        );
+        for claims in [r#"["https://i","s",["a"],2000000000]"#, "[]", " []", "null"] {
+            let t = token(r#"{"alg":"RS256"}"#, claims);
+            let got = split(&t).unwrap().claims().unwrap_err().reason;
+            assert_eq!(got, DenyReason::MalformedToken, "{claims}");
+        }
+        let t = token(" {\"alg\":\"RS256\"} ", " {\"iss\":\"https://i\"}\n");
+        assert_eq!(
+            split(&t).unwrap().claims().unwrap().iss.as_deref(),
+            Some("https://i")
+        );
     }
 
     #[test]
