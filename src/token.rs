@@ -78,13 +78,19 @@ pub fn bearer(headers: &dyn Headers, max_bytes: usize) -> Result<&str, TokenErro
 #[derive(Clone, Debug, Deserialize)]
 pub struct JoseHeader {
     pub alg: String,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "string_if_present")]
     pub kid: Option<String>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "string_if_present")]
     pub typ: Option<String>,
     /// Any `crit` member makes the token unusable: we understand no extensions (RFC 7515 §4.1.11).
     #[serde(default)]
     pub crit: Option<serde_json::Value>,
+}
+
+/// A header member that, when present, must be a string (RFC 7515 §4.1): `"kid": null`
+/// is malformed rather than read as "no kid", which would try the issuer's keys in turn.
+fn string_if_present<'de, D: Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
+    String::deserialize(d).map(Some)
 }
 
 /// `aud`: a string or an array of strings (RFC 7519 §4.1.3).
@@ -315,6 +321,10 @@ mod tests {
             token(r#"{"kid":"x"}"#, "{}"),
             token(r#"{"alg":"RS256","alg":"none"}"#, "{}"),
             token(r#"{"alg":"RS256","crit":["exp"]}"#, "{}"),
+            // A null kid is not "no kid": that would send the token down the kid-less path.
+            token(r#"{"alg":"RS256","kid":null}"#, "{}"),
+            token(r#"{"alg":"RS256","typ":null}"#, "{}"),
+            token(r#"{"alg":"RS256","kid":7}"#, "{}"),
             token("[1]", "{}"),
         ];
         for t in &bad {
