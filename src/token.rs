@@ -178,6 +178,13 @@ pub fn split(token: &str) -> Result<UnverifiedToken<'_>, TokenError> {
         return Err(malformed("the bearer token has an empty segment"));
     }
     let header_json = decode_segment(header)?;
+    // Checked here, not only when verifying: a token that is not well formed is
+    // malformed_token whatever its issuer, and costs no key lookup or RSA operation.
+    if URL_SAFE_NO_PAD.decode(signature).is_err() {
+        return Err(malformed(
+            "the token's signature is not valid unpadded base64url",
+        ));
+    }
     let header: JoseHeader = json_object(&header_json)
         .ok_or_else(|| malformed("the token header is not a valid JOSE header"))?;
     if header.crit.is_some() {
@@ -326,6 +333,12 @@ mod tests {
             token(r#"{"alg":"RS256","typ":null}"#, "{}"),
             token(r#"{"alg":"RS256","kid":7}"#, "{}"),
             token("[1]", "{}"),
+            // The signature segment is held to the same encoding as the others.
+            format!("{}.{}.c2ln=", b64(good_header), b64("{}")),
+            format!("{}.{}.c2l+", b64(good_header), b64("{}")),
+            format!("{}.{}.c2lu\n", b64(good_header), b64("{}")),
+            format!("{}.{}.c2l", b64(good_header), b64("{}")),
+            format!("{}.{}.c2ln\u{fffd}", b64(good_header), b64("{}")),
         ];
         for t in &bad {
             assert_eq!(
