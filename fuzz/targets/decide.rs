@@ -34,11 +34,22 @@ pub fn run(env: &Env, data: &[u8]) -> String {
     };
     let from_list = decide_with(&list);
     let from_map = decide_with(&map);
-    assert_eq!(
-        from_list.reason(),
-        from_map.reason(),
-        "the two header forms decide differently: {from_list:?} / {from_map:?}"
-    );
+    if map.len() == list.len() {
+        assert_eq!(
+            from_list.reason(),
+            from_map.reason(),
+            "the two header forms decide differently: {from_list:?} / {from_map:?}"
+        );
+    } else {
+        // A repeated header is `Repeated` in the list but comma-joined in the map, which
+        // can change the reason (two Authorization headers, the first not Bearer:
+        // malformed_token / missing_token); it must not change the outcome.
+        assert_eq!(
+            from_list.is_allow(),
+            from_map.is_allow(),
+            "the two header forms decide differently: {from_list:?} / {from_map:?}"
+        );
+    }
     for decision in [&from_list, &from_map] {
         if let Decision::Allow(allowed) = decision {
             match &allowed.identity {
