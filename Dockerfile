@@ -2,7 +2,8 @@
 # connector-authz container image.
 #
 #   docker build -t connector-authz:0.1.0 .
-#   docker run --rm -p 127.0.0.1:9191:9191 -p 127.0.0.1:9192:9192 connector-authz:0.1.0 serve --dev
+#   docker run --rm -p 127.0.0.1:9191:9191 -p 127.0.0.1:9192:9192 connector-authz:0.1.0 \
+#       serve --dev --grpc 0.0.0.0:9191 --admin 0.0.0.0:9192   # dev mode binds loopback unless told
 #
 # Base image choice: a glibc build on distroless "cc" (glibc, libgcc, CA certificates, no
 # shell, no package manager), not a static musl binary on distroless "static". aws-lc-rs
@@ -31,6 +32,9 @@ RUN --mount=type=cache,target=/usr/local/cargo/registry \
 
 FROM gcr.io/distroless/cc-debian12:nonroot
 COPY --from=build /out/connector-authz /connector-authz
+# The shipped unit primitive registry, for configs that say
+# `unit_primitives: /usr/share/connector-authz/cloud_connector`.
+COPY config/cloud_connector /usr/share/connector-authz/cloud_connector
 # distroless "nonroot" is uid/gid 65532; deployment.yaml runs as the same ids.
 USER 65532:65532
 # 9191: ext_authz gRPC and grpc.health.v1; 9192: /healthz, /readyz, /metrics

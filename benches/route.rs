@@ -58,6 +58,7 @@ fn route(pattern: Pattern) -> Route {
         access: Access::Public,
         backend: 0,
         line: 0,
+        deprecated: Vec::new(),
     }
 }
 

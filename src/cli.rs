@@ -1,4 +1,4 @@
-//! The command line: `serve`, `check-config`, `mint` and `check`.
+//! The command line: `serve`, `check-config`, `explain`, `mint` and `check`.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -40,12 +40,22 @@ pub enum LogFormat {
 #[derive(Subcommand, Debug)]
 pub enum Command {
     /// Run the sidecar.
-    Serve(ServeArgs),
+    Serve {
+        #[command(flatten)]
+        source: ServeArgs,
+        #[command(flatten)]
+        listen: ListenArgs,
+        /// On SIGTERM or SIGINT, how long Checks in flight may take to finish.
+        #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+        drain_timeout: Duration,
+    },
     /// Validate a configuration and show what it enforces.
     CheckConfig {
         #[arg(long)]
         config: PathBuf,
     },
+    /// Show the decision on one request, and why (exit 0 allow, 1 deny, 2 error).
+    Explain(ExplainArgs),
     /// Sign a development token with a PKCS#8 PEM private key (dev and test keys only).
     Mint(MintArgs),
     /// Send one Check to a running sidecar and print the decision.
@@ -55,12 +65,54 @@ pub enum Command {
 #[derive(Args, Debug)]
 #[group(required = true, multiple = false)]
 pub struct ServeArgs {
-    /// The configuration file.
+    /// The configuration file. Reloaded on SIGHUP and when its contents change.
     #[arg(long)]
     pub config: Option<PathBuf>,
     /// Run with an embedded development issuer and the demo routes: no files, no network.
     #[arg(long)]
     pub dev: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct ExplainArgs {
+    /// The configuration file.
+    #[arg(long)]
+    pub config: PathBuf,
+    /// The request path (with its query string, if any), as Envoy would send it.
+    #[arg(long)]
+    pub path: String,
+    #[arg(long, default_value = "GET")]
+    pub method: String,
+    /// The bearer token, as `Authorization: Bearer <token>` would carry it.
+    #[arg(long)]
+    pub token: Option<String>,
+    /// A request header, as name:value (repeatable).
+    #[arg(long = "header", value_parser = parse_key_value::<':'>)]
+    pub headers: Vec<(String, String)>,
+    /// Fetch the token issuer's keys now, instead of the jwks_files and keys.cache_dir.
+    #[arg(long)]
+    pub fetch: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct ListenArgs {
+    /// Listen for gRPC here instead of the configuration's `listen.grpc`.
+    #[arg(long)]
+    pub grpc: Option<SocketAddr>,
+    /// Serve /healthz and /readyz here instead of the configuration's `listen.admin`.
+    #[arg(long)]
+    pub admin: Option<SocketAddr>,
+}
+
+impl ListenArgs {
+    fn apply(&self, config: &mut Config) {
+        if let Some(grpc) = self.grpc {
+            config.listen.grpc = grpc;
+        }
+        if let Some(admin) = self.admin {
+            config.listen.admin = admin;
+        }
+    }
 }
 
 #[derive(Args, Debug)]
@@ -113,18 +165,27 @@ fn parse_key_value<const SEP: char>(s: &str) -> Result<(String, String), String>
 
 pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
-        Command::Serve(args) => serve(args).await,
+        Command::Serve {
+            source,
+            listen,
+            drain_timeout,
+        } => serve(source, listen, drain_timeout).await,
         Command::CheckConfig { config } => check_config(&config),
+        Command::Explain(args) => explain(args).await,
         Command::Mint(args) => mint(args),
         Command::Check(args) => check(args).await,
     }
 }
 
-async fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
+async fn serve(args: ServeArgs, listen: ListenArgs, drain: Duration) -> anyhow::Result<ExitCode> {
+    // Signal handlers go in before anything listens, so that a SIGTERM or SIGHUP sent as
+    // soon as the sidecar answers is never met by the default action (exit at once).
+    let mut signals = Signals::new()?;
     if args.dev {
-        let setup = crate::devmode::prepare()?;
+        let mut setup = crate::devmode::prepare()?;
+        listen.apply(&mut setup.config);
         print_out(&setup.banner())?;
-        let result = crate::serve::run(setup.config, shutdown_signal()).await;
+        let result = serve_until_stopped(setup.config, None, drain, &mut signals).await;
         // The directory holds the dev private key: it lives only as long as the server.
         if let Err(e) = std::fs::remove_dir_all(&setup.dir) {
             tracing::warn!(dir = %setup.dir.display(), error = %e, "cannot remove the dev directory");
@@ -132,33 +193,128 @@ async fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
         result?;
     } else {
         let path = args.config.expect("clap requires --config or --dev");
-        crate::serve::run(Config::load(&path)?, shutdown_signal()).await?;
+        let mut config = Config::load(&path)?;
+        listen.apply(&mut config);
+        serve_until_stopped(config, Some(listen), drain, &mut signals).await?;
     }
     Ok(ExitCode::SUCCESS)
 }
 
-async fn shutdown_signal() {
-    let ctrl_c = tokio::signal::ctrl_c();
-    #[cfg(unix)]
-    {
-        let mut term =
-            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-                Ok(term) => term,
-                Err(e) => {
-                    tracing::warn!(error = %e, "cannot listen for SIGTERM; stop with Ctrl-C");
-                    let _ = ctrl_c.await;
-                    return;
-                }
-            };
-        tokio::select! {
-            _ = ctrl_c => {}
-            _ = term.recv() => {}
+/// Serves until SIGTERM or SIGINT, then drains for at most `drain`. With `reload` (the
+/// command line's listen overrides, which apply to reloaded configurations too), reloads
+/// on SIGHUP and when the configuration file changes.
+async fn serve_until_stopped(
+    config: Config,
+    reload: Option<ListenArgs>,
+    drain: Duration,
+    signals: &mut Signals,
+) -> anyhow::Result<()> {
+    let mut running = crate::serve::start(config).await?;
+    let reload = match reload {
+        Some(listen) => {
+            running.adjust_reloads(move |config| listen.apply(config));
+            running.watch_config(crate::serve::CONFIG_POLL_INTERVAL);
+            true
+        }
+        None => false,
+    };
+    loop {
+        match signals.next().await {
+            Signal::Stop(name) => {
+                tracing::info!(signal = name, drain = %humantime::format_duration(drain), "shutting down: draining");
+                break;
+            }
+            Signal::Reload if reload => {
+                tracing::info!("SIGHUP: reloading the configuration");
+                // A rejected configuration is logged and counted; the old one keeps serving.
+                let _ = running.reload().await;
+            }
+            Signal::Reload => {
+                tracing::warn!("SIGHUP: serve --dev has no configuration file to reload")
+            }
         }
     }
-    #[cfg(not(unix))]
-    {
-        let _ = ctrl_c.await;
+    running.shutdown_within(drain).await;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+enum Signal {
+    Stop(&'static str),
+    Reload,
+}
+
+/// SIGTERM, SIGINT and SIGHUP, registered when created.
+#[cfg(unix)]
+struct Signals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+    hup: tokio::signal::unix::Signal,
+}
+
+#[cfg(unix)]
+impl Signals {
+    fn new() -> anyhow::Result<Self> {
+        use tokio::signal::unix::{SignalKind, signal};
+        let register = |kind: SignalKind, name: &str| {
+            signal(kind).map_err(|e| anyhow::anyhow!("cannot listen for {name}: {e}"))
+        };
+        Ok(Self {
+            term: register(SignalKind::terminate(), "SIGTERM")?,
+            int: register(SignalKind::interrupt(), "SIGINT")?,
+            hup: register(SignalKind::hangup(), "SIGHUP")?,
+        })
     }
+
+    async fn next(&mut self) -> Signal {
+        tokio::select! {
+            _ = self.term.recv() => Signal::Stop("SIGTERM"),
+            _ = self.int.recv() => Signal::Stop("SIGINT"),
+            _ = self.hup.recv() => Signal::Reload,
+        }
+    }
+}
+
+#[cfg(not(unix))]
+struct Signals;
+
+#[cfg(not(unix))]
+impl Signals {
+    fn new() -> anyhow::Result<Self> {
+        Ok(Self)
+    }
+
+    async fn next(&mut self) -> Signal {
+        let _ = tokio::signal::ctrl_c().await;
+        Signal::Stop("Ctrl-C")
+    }
+}
+
+async fn explain(args: ExplainArgs) -> anyhow::Result<ExitCode> {
+    let config = Config::load(&args.config)?;
+    let headers = crate::explain::request_headers(args.token.as_deref(), &args.headers);
+    let iss = crate::explain::token_issuer(&headers, config.tokens.max_bytes);
+    let (keys, notes) = crate::explain::load_keys(&config, args.fetch, iss.as_deref()).await;
+    let snapshot =
+        crate::decide::Snapshot::new(std::sync::Arc::new(config), std::sync::Arc::new(keys));
+    let method = args.method.to_ascii_uppercase();
+    let request = crate::decision::Request {
+        method: &method,
+        path: &args.path,
+        headers: &headers,
+    };
+    let explanation = crate::explain::explain(&snapshot, &request, SystemTime::now());
+    let mut out = explanation.report;
+    out.push_str("\nkeys loaded for this explanation:\n");
+    for note in notes {
+        out.push_str(&format!("  {note}\n"));
+    }
+    print_out(&out)?;
+    Ok(if explanation.decision.is_allow() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
 }
 
 fn check_config(path: &Path) -> anyhow::Result<ExitCode> {

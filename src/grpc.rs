@@ -8,17 +8,18 @@
 //! ([`to_request`], [`to_response`]) so they are tested without a network.
 
 use std::borrow::Cow;
-use std::collections::HashMap;
-use std::sync::{Arc, OnceLock};
-use std::time::{Duration, SystemTime};
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant, SystemTime};
 
 use arc_swap::ArcSwap;
 use prost_types::{Struct, Value, value::Kind};
 use tonic::Status;
 
 use crate::decide::{Snapshot, decide_cached};
-use crate::decision::{Allowed, Decision, Denied, DenyReason, Headers, Request};
+use crate::decision::{Allowed, Decision, Denied, DenyReason, Headers, Identity, Request};
 use crate::keys::KeyRefresher;
+use crate::metrics::Metrics;
 use crate::proto::envoy::config::core::v3::{
     HeaderValue, HeaderValueOption, header_value_option::HeaderAppendAction,
 };
@@ -63,6 +64,8 @@ pub struct AuthzService {
     cache: Arc<TokenCache>,
     /// Always [`decide_cached`] outside tests; a seam so the unknown-kid retry is tested on its own.
     decide_fn: DecideFn,
+    metrics: Arc<Metrics>,
+    deprecations: DeprecationLog,
 }
 
 impl AuthzService {
@@ -80,7 +83,19 @@ impl AuthzService {
             refresh_wait: Self::DEFAULT_REFRESH_WAIT,
             cache,
             decide_fn: decide_cached,
+            metrics: Arc::default(),
+            deprecations: DeprecationLog::default(),
         }
+    }
+
+    /// Counts Checks in `metrics` (by default, in metrics of its own that no one reads),
+    /// the token cache's hits and misses included.
+    pub fn with_metrics(mut self, metrics: Arc<Metrics>) -> Self {
+        let (hits, misses) = metrics.token_cache_counters();
+        let settings = &self.snapshot.load().config.tokens;
+        self.cache = Arc::new(TokenCache::from_settings(settings).counting_into(hits, misses));
+        self.metrics = metrics;
+        self
     }
 
     /// The cache of verified tokens (its size and hit counts).
@@ -139,10 +154,149 @@ impl Authorization for AuthzService {
         &self,
         request: tonic::Request<CheckRequest>,
     ) -> Result<tonic::Response<CheckResponse>, Status> {
+        let started = Instant::now();
         let check = request.into_inner();
-        let input = to_request(&check)?;
+        let input = match to_request(&check) {
+            Ok(input) => input,
+            Err(status) => {
+                self.metrics.check_failed(started.elapsed());
+                tracing::debug!(reason = "invalid_argument", "check: {}", status.message());
+                return Err(status);
+            }
+        };
         let decision = self.decide_with_refresh(&input).await;
+        let elapsed = started.elapsed();
+        self.metrics.check_decided(&decision, elapsed);
+        if let Decision::Allow(Allowed {
+            identity: Some(identity),
+            ..
+        }) = &decision
+        {
+            self.note_deprecated(&input, identity);
+        }
+        if tracing::enabled!(tracing::Level::DEBUG) {
+            log_decision(&self.snapshot.load(), &input, &decision, elapsed);
+        }
         Ok(tonic::Response::new(to_response(&decision)))
+    }
+}
+
+impl AuthzService {
+    /// Counts every allowed use of a deprecated unit primitive, and logs the first one of
+    /// each (per loaded configuration) with its deprecation notice.
+    fn note_deprecated(&self, input: &CheckInput<'_>, identity: &Identity) {
+        let snapshot = self.snapshot.load();
+        let config = &snapshot.config;
+        let Some(registry) = config.registry.as_deref() else {
+            return;
+        };
+        let mut used: Vec<&str> = Vec::new();
+        if let Some(named) = identity.unit_primitive.as_deref()
+            && registry
+                .unit_primitive(named)
+                .is_some_and(|up| up.deprecation.is_some())
+        {
+            used.push(named);
+        }
+        if config.requires_deprecated
+            && let Some(route) = config.routes.route_for(input.path, input.method)
+        {
+            used.extend(route.deprecated.iter().map(|name| &**name));
+        }
+        for name in used {
+            self.metrics.deprecated_unit_primitive_used(name);
+            let Some(deprecation) = registry
+                .unit_primitive(name)
+                .and_then(|up| up.deprecation.as_ref())
+            else {
+                continue;
+            };
+            if self.deprecations.first_use(config, name) {
+                tracing::warn!(
+                    unit_primitive = name,
+                    deprecation = deprecation.message.as_deref().unwrap_or(""),
+                    url = deprecation.by_url.as_deref().unwrap_or(""),
+                    "a request was allowed through a deprecated unit primitive (logged once per unit primitive until the configuration is reloaded)"
+                );
+            }
+        }
+    }
+}
+
+/// Which deprecated unit primitives were logged already, for the configuration loaded now.
+#[derive(Default)]
+struct DeprecationLog {
+    /// The configuration the names belong to (compared by address), and the names.
+    seen: Mutex<(usize, HashSet<String>)>,
+}
+
+impl DeprecationLog {
+    /// `true` the first time `name` is seen with this `config`.
+    fn first_use(&self, config: &Arc<crate::config::Config>, name: &str) -> bool {
+        let id = Arc::as_ptr(config) as usize;
+        let mut seen = self
+            .seen
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        if seen.0 != id {
+            *seen = (id, HashSet::new());
+        }
+        seen.1.insert(name.to_owned())
+    }
+}
+
+/// The debug line of one decision. For a deny, issuer, subject and jti are read from the
+/// token's claims without verifying them (they say what the token claims, for tracing a
+/// request). The token itself is never logged.
+fn log_decision(
+    snapshot: &Snapshot,
+    input: &CheckInput<'_>,
+    decision: &Decision,
+    elapsed: Duration,
+) {
+    let route = snapshot
+        .config
+        .routes
+        .route_for(input.path, input.method)
+        .map(|r| r.pattern.to_string());
+    let route = route.as_deref().unwrap_or("");
+    let latency_us = u64::try_from(elapsed.as_micros()).unwrap_or(u64::MAX);
+    match decision {
+        Decision::Allow(allowed) => {
+            let identity = allowed.identity.as_ref();
+            tracing::debug!(
+                decision = "allow",
+                reason = if identity.is_some() { "valid_token" } else { "public" },
+                route,
+                backend = %allowed.backend,
+                issuer = identity.map_or("", |i| &*i.issuer),
+                subject = identity.map_or("", |i| i.subject.as_str()),
+                jti = identity.and_then(|i| i.jti.as_deref()).unwrap_or(""),
+                latency_us,
+                "check"
+            );
+        }
+        Decision::Deny(denied) => {
+            let request = input.request();
+            let claims = crate::token::bearer(request.headers, snapshot.config.tokens.max_bytes)
+                .ok()
+                .and_then(|raw| crate::token::split(raw).ok())
+                .and_then(|token| token.claims().ok());
+            let claim = |f: fn(&crate::token::Claims) -> Option<&String>| {
+                claims.as_ref().and_then(f).map_or("", String::as_str)
+            };
+            tracing::debug!(
+                decision = "deny",
+                reason = denied.reason.as_str(),
+                route,
+                backend = denied.backend.as_deref().unwrap_or(""),
+                issuer = claim(|c| c.iss.as_ref()),
+                subject = claim(|c| c.sub.as_ref()),
+                jti = claim(|c| c.jti.as_ref()),
+                latency_us,
+                "check"
+            );
+        }
     }
 }
 

@@ -257,6 +257,9 @@ pub struct Route {
     pub backend: usize,
     /// Where the route is written, for messages.
     pub line: u32,
+    /// The required unit primitives that the registry marks deprecated (found at load
+    /// time, so a request can be logged without a registry lookup).
+    pub deprecated: Vec<Arc<str>>,
 }
 
 /// Two routes that claim the same path (or prefix) for at least one common method.
@@ -325,6 +328,12 @@ impl RouteTable {
             }
         });
         longest
+    }
+
+    /// The route for a request target as it arrives (normalized first, as `decide`
+    /// does); `None` for a malformed path or no match.
+    pub fn route_for(&self, target: &str, method: &str) -> Option<&Route> {
+        self.find(&normalize_path(target).ok()?, method)
     }
 
     pub fn routes(&self) -> &[Route] {
@@ -499,6 +508,7 @@ mod tests {
             access: Access::Public,
             backend,
             line: 0,
+            deprecated: Vec::new(),
         }
     }
 

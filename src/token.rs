@@ -6,7 +6,7 @@
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use serde::Deserialize;
-use serde::de::{self, Deserializer};
+use serde::de::{self, DeserializeOwned, Deserializer};
 
 use crate::decision::{DenyReason, HeaderValue, Headers};
 
@@ -85,13 +85,19 @@ pub fn bearer(headers: &dyn Headers, max_bytes: usize) -> Result<&str, TokenErro
 #[derive(Clone, Debug, Deserialize)]
 pub struct JoseHeader {
     pub alg: String,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "string_if_present")]
     pub kid: Option<String>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "string_if_present")]
     pub typ: Option<String>,
     /// Any `crit` member makes the token unusable: we understand no extensions (RFC 7515 §4.1.11).
     #[serde(default)]
     pub crit: Option<serde_json::Value>,
+}
+
+/// A header member that, when present, must be a string (RFC 7515 §4.1): `"kid": null`
+/// is malformed rather than read as "no kid", which would try the issuer's keys in turn.
+fn string_if_present<'de, D: Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
+    String::deserialize(d).map(Some)
 }
 
 /// `aud`: a string or an array of strings (RFC 7519 §4.1.3).
@@ -179,8 +185,15 @@ pub fn split(token: &str) -> Result<UnverifiedToken<'_>, TokenError> {
         return Err(malformed("the bearer token has an empty segment"));
     }
     let header_json = decode_segment(header)?;
-    let header: JoseHeader = serde_json::from_slice(&header_json)
-        .map_err(|_| malformed("the token header is not a valid JOSE header"))?;
+    // Checked here, not only when verifying: a token that is not well formed is
+    // malformed_token whatever its issuer, and costs no key lookup or RSA operation.
+    if URL_SAFE_NO_PAD.decode(signature).is_err() {
+        return Err(malformed(
+            "the token's signature is not valid unpadded base64url",
+        ));
+    }
+    let header: JoseHeader = json_object(&header_json)
+        .ok_or_else(|| malformed("the token header is not a valid JOSE header"))?;
     if header.crit.is_some() {
         return Err(malformed(
             "the token header marks extensions as critical, and none are supported",
@@ -199,9 +212,18 @@ impl UnverifiedToken<'_> {
     /// Decodes the claims. Their types are checked here; their values after the signature.
     pub fn claims(&self) -> Result<Claims, TokenError> {
         let json = decode_segment(self.payload)?;
-        serde_json::from_slice(&json)
-            .map_err(|_| malformed("the token claims are not valid JSON of the expected types"))
+        json_object(&json)
+            .ok_or_else(|| malformed("the token claims are not valid JSON of the expected types"))
     }
+}
+
+/// Parses a JSON object, and only an object: serde would also fill a struct from a JSON
+/// array, position by position, and a signed array is not a JOSE header or a claims set.
+fn json_object<T: DeserializeOwned>(json: &[u8]) -> Option<T> {
+    if json.trim_ascii_start().first() != Some(&b'{') {
+        return None;
+    }
+    serde_json::from_slice(json).ok()
 }
 
 fn decode_segment(segment: &str) -> Result<Vec<u8>, TokenError> {
@@ -313,7 +335,17 @@ mod tests {
             token(r#"{"kid":"x"}"#, "{}"),
             token(r#"{"alg":"RS256","alg":"none"}"#, "{}"),
             token(r#"{"alg":"RS256","crit":["exp"]}"#, "{}"),
+            // A null kid is not "no kid": that would send the token down the kid-less path.
+            token(r#"{"alg":"RS256","kid":null}"#, "{}"),
+            token(r#"{"alg":"RS256","typ":null}"#, "{}"),
+            token(r#"{"alg":"RS256","kid":7}"#, "{}"),
             token("[1]", "{}"),
+            // The signature segment is held to the same encoding as the others.
+            format!("{}.{}.c2ln=", b64(good_header), b64("{}")),
+            format!("{}.{}.c2l+", b64(good_header), b64("{}")),
+            format!("{}.{}.c2lu\n", b64(good_header), b64("{}")),
+            format!("{}.{}.c2l", b64(good_header), b64("{}")),
+            format!("{}.{}.c2ln\u{fffd}", b64(good_header), b64("{}")),
         ];
         for t in &bad {
             assert_eq!(
@@ -340,6 +372,30 @@ mod tests {
             let err = split(&t).unwrap().claims().unwrap_err();
             assert_eq!(err.reason, DenyReason::MalformedToken, "{claims}");
         }
+    }
+
+    #[test]
+    fn header_and_claims_must_be_json_objects() {
+        // serde reads a struct from an array too (positionally): a signed array is not a JWT.
+        let err = |t: &str| split(t).map(|_| ()).unwrap_err().reason;
+        assert_eq!(
+            err(&token(r#"["RS256","k1"]"#, "{}")),
+            DenyReason::MalformedToken
+        );
+        assert_eq!(
+            err(&token(r#" ["RS256"]"#, "{}")),
+            DenyReason::MalformedToken
+        );
+        for claims in [r#"["https://i","s",["a"],2000000000]"#, "[]", " []", "null"] {
+            let t = token(r#"{"alg":"RS256"}"#, claims);
+            let got = split(&t).unwrap().claims().unwrap_err().reason;
+            assert_eq!(got, DenyReason::MalformedToken, "{claims}");
+        }
+        let t = token(" {\"alg\":\"RS256\"} ", " {\"iss\":\"https://i\"}\n");
+        assert_eq!(
+            split(&t).unwrap().claims().unwrap().iss.as_deref(),
+            Some("https://i")
+        );
     }
 
     #[test]

@@ -27,9 +27,9 @@
 
 use std::mem::size_of;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 
 use jsonwebtoken::Algorithm;
+use prometheus_client::metrics::counter::Counter;
 use quick_cache::sync::{Cache, DefaultLifecycle};
 use quick_cache::{DefaultHashBuilder, Weighter};
 
@@ -166,15 +166,11 @@ type Inner = Cache<
 /// nothing (what plain `decide` uses).
 pub struct TokenCache {
     inner: Option<Inner>,
-    hits: AtomicU64,
-    misses: AtomicU64,
+    /// Lookups answered from the cache, and lookups that had to verify: lock-free
+    /// counters, shared with the metrics registry when [`Self::counting_into`] is used.
+    hits: Counter,
+    misses: Counter,
 }
-
-static DISABLED: TokenCache = TokenCache {
-    inner: None,
-    hits: AtomicU64::new(0),
-    misses: AtomicU64::new(0),
-};
 
 impl TokenCache {
     /// A cache of at most `entries` tokens and `bytes` bytes; `entries == 0` disables it.
@@ -191,9 +187,16 @@ impl TokenCache {
         });
         Self {
             inner,
-            hits: AtomicU64::new(0),
-            misses: AtomicU64::new(0),
+            hits: Counter::default(),
+            misses: Counter::default(),
         }
+    }
+
+    /// Counts hits and misses in these counters (the `/metrics` ones) instead of its own.
+    pub fn counting_into(mut self, hits: Counter, misses: Counter) -> Self {
+        self.hits = hits;
+        self.misses = misses;
+        self
     }
 
     /// Sized by `tokens.cache_entries` and `tokens.cache_bytes`.
@@ -201,9 +204,10 @@ impl TokenCache {
         Self::new(settings.cache_entries, settings.cache_bytes)
     }
 
-    /// The shared cache that holds nothing.
+    /// The shared cache that holds nothing (and counts nothing).
     pub fn disabled() -> &'static TokenCache {
-        &DISABLED
+        static DISABLED: std::sync::OnceLock<TokenCache> = std::sync::OnceLock::new();
+        DISABLED.get_or_init(|| TokenCache::new(0, 0))
     }
 
     pub fn is_enabled(&self) -> bool {
@@ -221,17 +225,17 @@ impl TokenCache {
     ) -> Option<Arc<VerifiedToken>> {
         let inner = self.inner.as_ref()?;
         let Some(entry) = inner.get(token) else {
-            self.misses.fetch_add(1, Ordering::Relaxed);
+            self.misses.inc();
             return None;
         };
         let leeway = i64::try_from(config.tokens.leeway.as_secs()).unwrap_or(i64::MAX);
         if entry.expired(now, leeway) || !entry.still_verifies(config, keys) {
             // Only this entry: another request may have put a fresh one in meanwhile.
             inner.remove_if(token, |current| Arc::ptr_eq(current, &entry));
-            self.misses.fetch_add(1, Ordering::Relaxed);
+            self.misses.inc();
             return None;
         }
-        self.hits.fetch_add(1, Ordering::Relaxed);
+        self.hits.inc();
         Some(entry)
     }
 
@@ -260,12 +264,12 @@ impl TokenCache {
 
     /// Lookups answered from the cache since start.
     pub fn hits(&self) -> u64 {
-        self.hits.load(Ordering::Relaxed)
+        self.hits.get()
     }
 
     /// Lookups that had to verify (absent, expired or no longer verifiable) since start.
     pub fn misses(&self) -> u64 {
-        self.misses.load(Ordering::Relaxed)
+        self.misses.get()
     }
 }
 

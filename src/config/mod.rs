@@ -28,6 +28,9 @@ pub const MAX_CONFIG_BYTES: usize = 1024 * 1024;
 /// The most routes one configuration may declare.
 pub const MAX_ROUTES: usize = 10_000;
 
+/// The longest `keys.fetch_timeout` accepted.
+pub const MAX_FETCH_TIMEOUT: Duration = Duration::from_secs(60);
+
 pub const DEFAULT_GRPC_LISTEN: &str = "127.0.0.1:9191";
 pub const DEFAULT_ADMIN_LISTEN: &str = "127.0.0.1:9192";
 
@@ -43,6 +46,8 @@ pub struct Config {
     pub routes: RouteTable,
     pub registry: Option<Arc<Registry>>,
     pub enforce_min_version: bool,
+    /// Whether some route requires a deprecated unit primitive (see `Route::deprecated`).
+    pub requires_deprecated: bool,
     issuer_index: IssuerIndex,
 }
 
@@ -208,6 +213,7 @@ impl Compiler<'_> {
             return Err(self.err(line, "enforce_min_version needs the unit primitive registry: set `unit_primitives:` to its directory"));
         }
         let (backends, routes) = self.backends(&raw.backends, registry.as_deref())?;
+        let requires_deprecated = routes.routes().iter().any(|r| !r.deprecated.is_empty());
         Ok(Config {
             source: self.path.to_path_buf(),
             listen,
@@ -218,6 +224,7 @@ impl Compiler<'_> {
             routes,
             registry,
             enforce_min_version,
+            requires_deprecated,
             issuer_index,
         })
     }
@@ -353,7 +360,7 @@ impl Compiler<'_> {
                 "keys.min_refresh_interval must not be longer than keys.refresh_interval",
             ));
         }
-        if settings.fetch_timeout.is_zero() || settings.fetch_timeout > Duration::from_secs(60) {
+        if settings.fetch_timeout.is_zero() || settings.fetch_timeout > MAX_FETCH_TIMEOUT {
             return Err(self.err(
                 line_of(&k.fetch_timeout),
                 "keys.fetch_timeout must be between 1ms and 60s",
@@ -596,12 +603,25 @@ impl Compiler<'_> {
                 unit_primitive_header,
             }
         };
+        let deprecated = match (&access, registry) {
+            (Access::Token { require, .. }, Some(registry)) => require
+                .iter()
+                .filter(|name| {
+                    registry
+                        .unit_primitive(name)
+                        .is_some_and(|up| up.deprecation.is_some())
+                })
+                .cloned()
+                .collect(),
+            _ => Vec::new(),
+        };
         Ok(Route {
             pattern,
             methods,
             access,
             backend,
             line,
+            deprecated,
         })
     }
 

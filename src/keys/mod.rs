@@ -105,6 +105,13 @@ impl KeySnapshot {
         Self { issuers }
     }
 
+    /// A new snapshot with only the issuers `keep` accepts (a reload drops the others).
+    pub fn retain_issuers(&self, keep: impl Fn(&str) -> bool) -> Self {
+        let mut issuers = self.issuers.clone();
+        issuers.retain(|name, _| keep(name));
+        Self { issuers }
+    }
+
     pub fn issuers(&self) -> impl Iterator<Item = (&Arc<str>, &Arc<KeySet>)> {
         self.issuers.iter()
     }

@@ -20,6 +20,8 @@
 //! - Issuers are independent: each has its own task and flight, and every GET is bounded
 //!   by `fetch_timeout`, so a hanging issuer delays nobody else.
 //! - Cached keys only fill a gap at start; they never replace keys already held.
+//! - A reload ([`KeyManager::reconfigure`]) swaps the new configuration in together with
+//!   the keys of the issuers that remain; new issuers start their tasks, removed ones stop.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -40,7 +42,7 @@ use super::fetch::{
 };
 use super::jwks::{KeyLimits, ParsedKeySet};
 use super::{KeyRefresher, KeySet, KeySource, canonical_issuer};
-use crate::config::{KeySettings, KeysFrom};
+use crate::config::{Config, Issuer, KeySettings, KeysFrom};
 use crate::decide::Snapshot;
 
 /// The first retry after a failure waits about this long.
@@ -77,11 +79,13 @@ pub fn missing_issuers(snapshot: &Snapshot) -> Vec<Arc<str>> {
         .collect()
 }
 
-/// Fetch counters of one network issuer. Plain numbers for now; metrics read them.
+/// Fetch counters of one network issuer; `/metrics` reads them at each scrape.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct FetchStats {
     /// Fetches started (scheduled, retries and unknown-`kid` refreshes).
     pub attempts: u64,
+    /// Fetches that installed a new key set.
+    pub successes: u64,
     /// Fetches that did not give a usable key set.
     pub failures: u64,
     /// Failures since the last success; 0 when the issuer is healthy.
@@ -95,12 +99,17 @@ pub struct KeyManager {
     stop: watch::Sender<bool>,
     tasks: Mutex<Vec<JoinHandle<()>>>,
     first_fetches: Vec<watch::Receiver<Option<Outcome>>>,
+    /// Reloads apply one at a time.
+    reconfiguring: tokio::sync::Mutex<()>,
 }
 
 impl std::fmt::Debug for KeyManager {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("KeyManager")
-            .field("issuers", &self.shared.issuers.keys().collect::<Vec<_>>())
+            .field(
+                "issuers",
+                &self.shared.issuers.load().keys().collect::<Vec<_>>(),
+            )
             .finish_non_exhaustive()
     }
 }
@@ -110,8 +119,10 @@ impl KeyManager {
     /// and the default [`KeyLimits`].
     pub fn start_http(snapshot: Arc<ArcSwap<Snapshot>>) -> Result<Arc<Self>, FetchError> {
         let limits = KeyLimits::default();
-        let timeout = snapshot.load().config.keys.fetch_timeout;
-        let fetcher = HttpFetcher::new(timeout, limits.max_document_bytes)?;
+        // Each GET is bounded by the configured `fetch_timeout` (which a reload may
+        // change); the client's own timeout is only the ceiling the configuration allows.
+        let fetcher =
+            HttpFetcher::new(crate::config::MAX_FETCH_TIMEOUT, limits.max_document_bytes)?;
         Ok(Self::start(snapshot, Arc::new(fetcher), limits))
     }
 
@@ -126,41 +137,24 @@ impl KeyManager {
         limits: KeyLimits,
     ) -> Arc<Self> {
         let config = Arc::clone(&snapshot.load().config);
-        let settings = config.keys.clone();
         let (stop, stopped) = watch::channel(false);
-        let mut network = HashMap::new();
-        for issuer in &config.issuers {
-            let source = match &issuer.keys_from {
-                KeysFrom::JwksFile(_) => continue,
-                KeysFrom::Discovery => IssuerSource::Discovery {
-                    issuer_url: issuer.url.clone(),
-                },
-                KeysFrom::JwksUri(jwks_uri) => IssuerSource::JwksUri {
-                    issuer_url: issuer.url.clone(),
-                    jwks_uri: jwks_uri.clone(),
-                },
-            };
-            network.insert(
-                Arc::clone(&issuer.name),
-                Arc::new(NetworkIssuer {
-                    name: Arc::clone(&issuer.name),
-                    source,
-                    counters: Counters::default(),
-                    state: Mutex::new(IssuerState::default()),
-                    cache_written: tokio::sync::Mutex::new(None),
-                }),
-            );
-        }
+        let network: HashMap<_, _> = config
+            .issuers
+            .iter()
+            .filter_map(|issuer| {
+                let source = network_source(issuer)?;
+                Some((
+                    Arc::clone(&issuer.name),
+                    NetworkIssuer::new(&issuer.name, source),
+                ))
+            })
+            .collect();
         let shared = Arc::new(Shared {
             snapshot,
-            fetcher: Bounded {
-                inner: fetcher,
-                timeout: settings.fetch_timeout,
-            },
+            fetcher,
             limits,
-            cache: settings.cache_dir.as_ref().map(KeyCache::new),
-            settings,
-            issuers: network,
+            settings: ArcSwap::from_pointee(config.keys.clone()),
+            issuers: ArcSwap::from_pointee(network),
             ready: watch::channel(false).0,
             stopped,
         });
@@ -177,7 +171,7 @@ impl KeyManager {
         // `initial_load` has them to wait for as soon as this returns.
         let mut first_fetches = Vec::new();
         let mut tasks = Vec::new();
-        for issuer in shared.issuers.values() {
+        for issuer in shared.issuers.load().values() {
             let first = shared.begin(issuer, None);
             if let Some(Flight(flight)) = &first {
                 first_fetches.push(flight.clone());
@@ -190,7 +184,100 @@ impl KeyManager {
             stop,
             tasks: Mutex::new(tasks),
             first_fetches,
+            reconfiguring: tokio::sync::Mutex::new(()),
         })
+    }
+
+    /// Applies a reloaded configuration: swaps it into the snapshot together with the
+    /// keys of every issuer that remains (one `rcu`, so no request sees the new routes
+    /// without those keys), reads the `jwks_file`s again, fills new network issuers from
+    /// the cache directory, stops the refresh of issuers that are gone (their keys leave
+    /// the snapshot with them) and starts it for new ones, whose first fetch begins at
+    /// once. A network issuer whose `jwks_uri` changed is restarted but keeps its keys
+    /// until the new source answers. Key settings (`keys.*`) apply from now on.
+    pub async fn reconfigure(&self, config: Arc<Config>) {
+        let _one_at_a_time = self.reconfiguring.lock().await;
+        if self.shared.is_stopped() {
+            return;
+        }
+        self.shared.settings.store(Arc::new(config.keys.clone()));
+        let old = self.shared.issuers.load_full();
+        let mut next = HashMap::new();
+        let mut started = Vec::new();
+        for issuer in &config.issuers {
+            let Some(source) = network_source(issuer) else {
+                continue;
+            };
+            let kept = old.get(&issuer.name).filter(|o| o.source == source);
+            let network = match kept {
+                Some(existing) => Arc::clone(existing),
+                None => {
+                    let new = NetworkIssuer::new(&issuer.name, source);
+                    started.push(Arc::clone(&new));
+                    new
+                }
+            };
+            next.insert(Arc::clone(&issuer.name), network);
+        }
+        for (name, issuer) in old.iter() {
+            if !next.get(name).is_some_and(|n| Arc::ptr_eq(n, issuer)) {
+                issuer.stop.send_replace(true);
+                tracing::info!(issuer = %name, "issuer removed or changed by the reload: its key refresh stops");
+            }
+        }
+
+        // Keys at hand for the new configuration, read before the swap.
+        let mut files = Vec::new();
+        for issuer in &config.issuers {
+            if let KeysFrom::JwksFile(path) = &issuer.keys_from {
+                match load_key_file(path, &self.shared.limits) {
+                    Ok(parsed) => {
+                        log_skipped_keys(&issuer.name, &parsed);
+                        files.push((Arc::clone(&issuer.name), Arc::new(parsed.key_set)));
+                    }
+                    Err(error) => tracing::error!(
+                        issuer = %issuer.name,
+                        %error,
+                        "the issuer's jwks_file is unusable; keeping the keys it had, if any"
+                    ),
+                }
+            }
+        }
+        let mut cached = Vec::new();
+        if let Some(cache) = self.shared.cache() {
+            for issuer in &started {
+                if let Some(parsed) = cache.load(&issuer.name, &self.shared.limits) {
+                    log_skipped_keys(&issuer.name, &parsed);
+                    cached.push((Arc::clone(&issuer.name), Arc::new(parsed.key_set)));
+                }
+            }
+        }
+
+        self.shared.issuers.store(Arc::new(next));
+        self.shared.snapshot.rcu(|current| {
+            let mut keys = current
+                .keys
+                .retain_issuers(|name| config.issuer(name).is_some());
+            for (name, set) in &files {
+                keys = keys.with_issuer(Arc::clone(name), Arc::clone(set));
+            }
+            for (name, set) in &cached {
+                if keys.get(name).is_none() {
+                    keys = keys.with_issuer(Arc::clone(name), Arc::clone(set));
+                }
+            }
+            Arc::new(Snapshot::new(Arc::clone(&config), Arc::new(keys)))
+        });
+        self.shared.update_readiness();
+
+        let mut tasks = lock(&self.tasks);
+        tasks.retain(|task| !task.is_finished());
+        for issuer in started {
+            tracing::info!(issuer = %issuer.name, "issuer added by the reload: fetching its keys");
+            let first = self.shared.begin(&issuer, None);
+            let task = run_schedule(Arc::clone(&self.shared), issuer, first);
+            tasks.push(tokio::spawn(task));
+        }
     }
 
     /// Resolves when every issuer has keys, or else when every issuer's first fetch has
@@ -224,12 +311,17 @@ impl KeyManager {
     /// The fetch counters of a network issuer (by canonical name); `None` for a
     /// `jwks_file` issuer or an unknown name.
     pub fn fetch_stats(&self, issuer: &str) -> Option<FetchStats> {
-        let issuer = self.shared.issuers.get(canonical_issuer(issuer))?;
-        Some(FetchStats {
-            attempts: issuer.counters.attempts.load(Ordering::Relaxed),
-            failures: issuer.counters.failures.load(Ordering::Relaxed),
-            consecutive_failures: issuer.state().consecutive_failures,
-        })
+        let issuers = self.shared.issuers.load();
+        Some(issuers.get(canonical_issuer(issuer))?.stats())
+    }
+
+    /// The fetch counters of every network issuer configured now.
+    pub fn all_fetch_stats(&self) -> Vec<(Arc<str>, FetchStats)> {
+        let issuers = self.shared.issuers.load();
+        issuers
+            .iter()
+            .map(|(name, issuer)| (Arc::clone(name), issuer.stats()))
+            .collect()
     }
 
     /// Stops the refresh tasks and waits for them; a fetch in progress is abandoned.
@@ -249,14 +341,13 @@ impl KeyRefresher for KeyManager {
     ) -> Pin<Box<dyn Future<Output = ()> + Send + 'static>> {
         // The flight starts here, not when the future is first polled, and runs in its own
         // task: a caller that gives up (drops the future) does not cancel it.
+        let min_gap = self.shared.settings.load().min_refresh_interval;
         let flight = self
             .shared
             .issuers
+            .load()
             .get(canonical_issuer(issuer))
-            .and_then(|issuer| {
-                self.shared
-                    .begin(issuer, Some(self.shared.settings.min_refresh_interval))
-            });
+            .and_then(|issuer| self.shared.begin(issuer, Some(min_gap)));
         Box::pin(async move {
             if let Some(flight) = flight {
                 flight.outcome().await;
@@ -267,12 +358,13 @@ impl KeyRefresher for KeyManager {
 
 struct Shared {
     snapshot: Arc<ArcSwap<Snapshot>>,
-    fetcher: Bounded,
+    fetcher: Arc<dyn Fetcher>,
     limits: KeyLimits,
-    settings: KeySettings,
-    cache: Option<KeyCache>,
-    /// Network issuers by canonical name; `jwks_file` issuers need no state.
-    issuers: HashMap<Arc<str>, Arc<NetworkIssuer>>,
+    /// The configuration's `keys` settings; a reload replaces them.
+    settings: ArcSwap<KeySettings>,
+    /// Network issuers by canonical name; `jwks_file` issuers need no state. A reload
+    /// replaces the map.
+    issuers: ArcSwap<HashMap<Arc<str>, Arc<NetworkIssuer>>>,
     ready: watch::Sender<bool>,
     /// Becomes `true` (or closes) when the manager stops.
     stopped: watch::Receiver<bool>,
@@ -286,17 +378,54 @@ struct NetworkIssuer {
     /// The bytes last written to the cache file, so that an unchanged key set is not
     /// rewritten every refresh; the lock also keeps two writes of one file in order.
     cache_written: tokio::sync::Mutex<Option<Vec<u8>>>,
+    /// Set when a reload removes (or replaces) this issuer: its task and fetch stop.
+    stop: watch::Sender<bool>,
 }
 
 impl NetworkIssuer {
+    fn new(name: &Arc<str>, source: IssuerSource) -> Arc<Self> {
+        Arc::new(NetworkIssuer {
+            name: Arc::clone(name),
+            source,
+            counters: Counters::default(),
+            state: Mutex::new(IssuerState::default()),
+            cache_written: tokio::sync::Mutex::new(None),
+            stop: watch::channel(false).0,
+        })
+    }
+
     fn state(&self) -> MutexGuard<'_, IssuerState> {
         lock(&self.state)
+    }
+
+    fn stats(&self) -> FetchStats {
+        FetchStats {
+            attempts: self.counters.attempts.load(Ordering::Relaxed),
+            successes: self.counters.successes.load(Ordering::Relaxed),
+            failures: self.counters.failures.load(Ordering::Relaxed),
+            consecutive_failures: self.state().consecutive_failures,
+        }
+    }
+}
+
+/// Where a network issuer's keys come from; `None` for a `jwks_file` issuer.
+pub(crate) fn network_source(issuer: &Issuer) -> Option<IssuerSource> {
+    match &issuer.keys_from {
+        KeysFrom::JwksFile(_) => None,
+        KeysFrom::Discovery => Some(IssuerSource::Discovery {
+            issuer_url: issuer.url.clone(),
+        }),
+        KeysFrom::JwksUri(jwks_uri) => Some(IssuerSource::JwksUri {
+            issuer_url: issuer.url.clone(),
+            jwks_uri: jwks_uri.clone(),
+        }),
     }
 }
 
 #[derive(Default)]
 struct Counters {
     attempts: AtomicU64,
+    successes: AtomicU64,
     failures: AtomicU64,
 }
 
@@ -349,7 +478,7 @@ impl Shared {
         issuer: &Arc<NetworkIssuer>,
         min_gap: Option<Duration>,
     ) -> Option<Flight> {
-        if self.is_stopped() {
+        if self.is_stopped() || *issuer.stop.borrow() {
             return None;
         }
         let mut state = issuer.state();
@@ -372,10 +501,9 @@ impl Shared {
         let shared = Arc::clone(self);
         let issuer = Arc::clone(issuer);
         tokio::spawn(async move {
-            let mut stopped = shared.stopped.clone();
             let fetched = tokio::select! {
                 biased;
-                () = wait_stopped(&mut stopped) => {
+                () = shared.wait_stopped(&issuer) => {
                     done.send_replace(Some(Outcome::Stopped));
                     return;
                 }
@@ -400,11 +528,30 @@ impl Shared {
         *self.stopped.borrow() || self.stopped.has_changed().is_err()
     }
 
+    /// Resolves when the manager stops or a reload removes `issuer`.
+    async fn wait_stopped(&self, issuer: &NetworkIssuer) {
+        let mut manager = self.stopped.clone();
+        let mut this_issuer = issuer.stop.subscribe();
+        tokio::select! {
+            () = wait_stopped(&mut manager) => {}
+            () = wait_stopped(&mut this_issuer) => {}
+        }
+    }
+
+    fn cache(&self) -> Option<KeyCache> {
+        self.settings.load().cache_dir.as_ref().map(KeyCache::new)
+    }
+
     /// One fetch of one issuer; on success its keys are in the snapshot when this returns.
     async fn fetch_and_install(&self, issuer: &NetworkIssuer) -> Option<ParsedKeySet> {
         issuer.counters.attempts.fetch_add(1, Ordering::Relaxed);
-        match fetch_key_set(&self.fetcher, &issuer.source, &self.limits).await {
+        let fetcher = Bounded {
+            inner: Arc::clone(&self.fetcher),
+            timeout: self.settings.load().fetch_timeout,
+        };
+        match fetch_key_set(&fetcher, &issuer.source, &self.limits).await {
             Ok(parsed) => {
+                issuer.counters.successes.fetch_add(1, Ordering::Relaxed);
                 log_skipped_keys(&issuer.name, &parsed);
                 self.install(&issuer.name, Arc::new(parsed.key_set.clone()));
                 self.update_readiness();
@@ -487,8 +634,8 @@ impl Shared {
             let was = std::mem::replace(&mut state.health, Health::Failing);
             (was, state.consecutive_failures)
         };
-        let retry_in =
-            humantime::format_duration(retry_step(failures, self.settings.refresh_interval));
+        let refresh_interval = self.settings.load().refresh_interval;
+        let retry_in = humantime::format_duration(retry_step(failures, refresh_interval));
         if was == Health::Failing {
             // Once per state change at warn; each further attempt only at debug.
             tracing::debug!(issuer = %issuer.name, %error, failures, %retry_in, "key fetch failed again");
@@ -524,11 +671,7 @@ impl Shared {
     }
 
     fn load_cached(&self, issuer: &Arc<str>) {
-        let Some(parsed) = self
-            .cache
-            .as_ref()
-            .and_then(|c| c.load(issuer, &self.limits))
-        else {
+        let Some(parsed) = self.cache().and_then(|c| c.load(issuer, &self.limits)) else {
             return;
         };
         log_skipped_keys(issuer, &parsed);
@@ -536,7 +679,7 @@ impl Shared {
         if self.install(issuer, Arc::new(parsed.key_set.clone())) {
             tracing::info!(%issuer, keys, "using cached keys until the first fetch succeeds");
         }
-        if let Some(network) = self.issuers.get(issuer) {
+        if let Some(network) = self.issuers.load().get(issuer) {
             // What the file holds already; no need to write it again unless it changes.
             if let Ok(mut written) = network.cache_written.try_lock() {
                 *written = Some(parsed.accepted_jwks_bytes());
@@ -545,7 +688,7 @@ impl Shared {
     }
 
     async fn write_cache(&self, issuer: &NetworkIssuer, parsed: &ParsedKeySet) {
-        let Some(cache) = self.cache.clone() else {
+        let Some(cache) = self.cache() else {
             return;
         };
         let bytes = parsed.accepted_jwks_bytes();
@@ -582,14 +725,16 @@ fn log_skipped_keys(issuer: &str, parsed: &ParsedKeySet) {
 /// The life of one network issuer (its first fetch already started): fetch, wait (`refresh_interval` ± 10 % after a
 /// success, the backoff after a failure), again, until the manager stops.
 async fn run_schedule(shared: Arc<Shared>, issuer: Arc<NetworkIssuer>, first: Option<Flight>) {
-    let mut stopped = shared.stopped.clone();
-    let refresh_interval = shared.settings.refresh_interval;
     let mut next = first;
     loop {
+        if *issuer.stop.borrow() {
+            return;
+        }
         let outcome = match next.take().or_else(|| shared.begin(&issuer, None)) {
             Some(flight) => flight.outcome().await,
             None => Outcome::Skipped,
         };
+        let refresh_interval = shared.settings.load().refresh_interval;
         let delay = match outcome {
             Outcome::Fetched | Outcome::Skipped => scheduled_delay(refresh_interval),
             Outcome::Failed => retry_delay(issuer.state().consecutive_failures, refresh_interval),
@@ -597,7 +742,7 @@ async fn run_schedule(shared: Arc<Shared>, issuer: Arc<NetworkIssuer>, first: Op
         };
         tokio::select! {
             biased;
-            () = wait_stopped(&mut stopped) => return,
+            () = shared.wait_stopped(&issuer) => return,
             () = tokio::time::sleep(delay) => {}
         }
     }

@@ -307,3 +307,25 @@ fn concurrent_hits_agree() {
     });
     assert_eq!(counts(&cache), (400, 1, 1));
 }
+
+#[test]
+fn hits_and_misses_reach_the_metrics() {
+    use crate::metrics::{Format, Metrics};
+    let metrics = Metrics::new();
+    let (hits, misses) = metrics.token_cache_counters();
+    let cache = TokenCache::new(16, 1 << 20).counting_into(hits, misses);
+    let snap = snapshot();
+    let token = key(1).sign(&claims());
+    for _ in 0..3 {
+        assert!(decide_in(&snap, &cache, at(NOW), CODE, Some(&token), &[]).is_allow());
+    }
+    let text = metrics.encode(Format::Prometheus);
+    assert!(
+        text.contains("connector_authz_token_cache_hits_total 2"),
+        "{text}"
+    );
+    assert!(
+        text.contains("connector_authz_token_cache_misses_total 1"),
+        "{text}"
+    );
+}

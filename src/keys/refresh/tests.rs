@@ -700,3 +700,37 @@ async fn initial_load_waits_for_first_fetches_but_not_when_keys_are_at_hand() {
     assert_eq!(started.elapsed(), Duration::ZERO);
     assert!(h.ready());
 }
+
+#[tokio::test(start_paused = true)]
+async fn reconfigure_starts_new_issuers_stops_removed_ones_and_keeps_the_keys_of_the_rest() {
+    let (ka, kb) = (key(1), key(2));
+    let h = Harness::start(config(A_YAML, None), fake_with(&[(A, &[&ka]), (B, &[&kb])]));
+    settle().await;
+    let a_keys = h.keys(A).expect("A has keys");
+    assert!(h.fetcher.fetches(B).is_empty());
+
+    // B joins: its first fetch starts at once; A keeps the very same key set.
+    let both = format!("{A_YAML}{B_YAML}");
+    h.manager.reconfigure(Arc::new(config(&both, None))).await;
+    settle().await;
+    assert!(Arc::ptr_eq(&h.keys(A).expect("A kept"), &a_keys));
+    assert_eq!(h.fetcher.fetches(A).len(), 1, "A was not fetched again");
+    assert_eq!(h.fetcher.fetches(B).len(), 1);
+    assert_eq!(h.ask(&token(B, &kb)).await, None);
+    assert!(h.ready());
+
+    // A leaves: its keys leave the snapshot and its schedule stops; B's goes on.
+    h.manager.reconfigure(Arc::new(config(B_YAML, None))).await;
+    assert!(h.keys(A).is_none());
+    assert!(h.manager.fetch_stats(A).is_none());
+    assert_eq!(h.ask(&token(A, &ka)).await, Some(DenyReason::UnknownIssuer));
+    sleep(REFRESH * 3).await;
+    assert_eq!(
+        h.fetcher.fetches(A).len(),
+        1,
+        "a removed issuer is still refreshed"
+    );
+    assert!(h.fetcher.fetches(B).len() >= 3, "B's schedule stopped");
+    assert_eq!(h.stats(B).successes, h.stats(B).attempts);
+    assert!(h.ready());
+}

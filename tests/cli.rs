@@ -1,0 +1,385 @@
+//! The binary as a person runs it: `serve --dev` answering Checks on the embedded default,
+//! `check-config`'s table and errors, and `mint` + `check` against `serve --config`.
+
+mod support;
+
+use std::io::{BufRead, BufReader};
+use std::net::{SocketAddr, TcpListener};
+use std::path::Path;
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use connector_authz::dev::DevKey;
+use support::test_key;
+
+const BIN: &str = env!("CARGO_BIN_EXE_connector-authz");
+const WAIT: Duration = Duration::from_secs(20);
+
+fn free_addr() -> SocketAddr {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free loopback port")
+}
+
+/// A child process that is stopped (SIGTERM, then kill) when dropped.
+struct Sidecar(Child);
+
+impl Sidecar {
+    fn terminate(&mut self) -> std::process::ExitStatus {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.0.id().to_string()])
+            .status();
+        let deadline = Instant::now() + WAIT;
+        loop {
+            if let Some(status) = self.0.try_wait().expect("wait on the sidecar") {
+                return status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the sidecar did not stop within {WAIT:?} of SIGTERM"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Sidecar {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Waits until `/readyz` answers 200 (a plain HTTP/1.1 GET: no client to install).
+fn wait_ready(admin: SocketAddr) {
+    use std::io::{Read, Write};
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let status = std::net::TcpStream::connect(admin).ok().and_then(|mut s| {
+            s.write_all(b"GET /readyz HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+                .ok()?;
+            let mut head = [0u8; 12];
+            s.read_exact(&mut head).ok()?;
+            Some(head)
+        });
+        if status.is_some_and(|head| head.ends_with(b" 200")) {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "http://{admin}/readyz did not answer 200 within {WAIT:?}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn run(args: &[&str]) -> Output {
+    Command::new(BIN)
+        .args(args)
+        .output()
+        .expect("the binary runs")
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+#[test]
+fn serve_dev_answers_checks_on_the_embedded_default() {
+    let (grpc, admin) = (free_addr(), free_addr());
+    let child = Command::new(BIN)
+        .args([
+            "serve",
+            "--dev",
+            "--grpc",
+            &grpc.to_string(),
+            "--admin",
+            &admin.to_string(),
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("serve --dev starts");
+    let mut sidecar = Sidecar(child);
+    let stdout = sidecar.0.stdout.take().unwrap();
+    let banner: Vec<String> = BufReader::new(stdout)
+        .lines()
+        .map_while(Result::ok)
+        .take_while(|l| !l.starts_with("Mint another token"))
+        .collect();
+    let token = banner
+        .iter()
+        .find_map(|l| l.strip_prefix("export TOKEN="))
+        .expect("the banner prints the dev token")
+        .to_string();
+    let dir = banner
+        .iter()
+        .find_map(|l| l.split("ephemeral key in ").nth(1))
+        .and_then(|rest| rest.split(')').next())
+        .expect("the banner names its directory")
+        .to_string();
+    assert!(
+        banner
+            .iter()
+            .any(|l| l.contains(&format!("check --grpc {grpc}"))),
+        "{banner:?}"
+    );
+    wait_ready(admin);
+
+    let grpc_arg = grpc.to_string();
+    let check = |extra: &[&str]| {
+        let mut args = vec![
+            "check",
+            "--grpc",
+            &grpc_arg,
+            "--method",
+            "POST",
+            "--header",
+            "x-gitlab-instance-id:dev-instance",
+            "--token",
+            &token,
+        ];
+        args.extend_from_slice(extra);
+        run(&args)
+    };
+    let allowed = check(&["--path", "/ai/v2/code/completions"]);
+    assert_eq!(allowed.status.code(), Some(0), "{}", text(&allowed.stdout));
+    assert!(text(&allowed.stdout).starts_with("allow"));
+    let denied = check(&[
+        "--path",
+        "/ai/v1/proxy/vertex-ai",
+        "--header",
+        "x-gitlab-unit-primitive:explain_vulnerability",
+    ]);
+    assert_eq!(denied.status.code(), Some(1));
+    assert!(
+        text(&denied.stdout).contains("\"error\":\"insufficient_scope\""),
+        "{}",
+        text(&denied.stdout)
+    );
+
+    assert!(sidecar.terminate().success());
+    assert!(
+        !Path::new(&dir).exists(),
+        "serve --dev must remove {dir} (it holds the dev private key)"
+    );
+}
+
+fn write_config(dir: &Path, extra_route: &str) -> std::path::PathBuf {
+    let jwks = dir.join("jwks.json");
+    std::fs::write(&jwks, DevKey::key_set_json(&[&test_key(1)]).to_string()).unwrap();
+    let registry = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/cloud_connector");
+    let config = dir.join("config.yaml");
+    std::fs::write(
+        &config,
+        format!(
+            "issuers:
+  - url: https://issuer.test
+    jwks_file: {}
+unit_primitives: {}
+backends:
+  - name: ai_gateway
+    backend_service: ai_gateway
+    routes:
+      - path: /ai/v2/code/completions
+        methods: [POST]
+        require: [complete_code]
+      - prefix: /ai/monitoring/
+        public: true
+{extra_route}",
+            jwks.display(),
+            registry.display()
+        ),
+    )
+    .unwrap();
+    config
+}
+
+#[test]
+fn check_config_prints_what_is_enforced() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), "");
+    let out = run(&["check-config", "--config", config.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let table = text(&out.stdout);
+    assert!(
+        table.contains("valid: 1 issuer(s), 1 backend(s), 2 route(s)"),
+        "{table}"
+    );
+    let row = table
+        .lines()
+        .find(|l| l.starts_with("path /ai/v2/code/completions"))
+        .expect("a row per route");
+    for cell in [
+        "POST",
+        "ai_gateway (gitlab-ai-gateway)",
+        "complete_code",
+        "2024-02-15T00:00:00+00:00",
+        "17.3.0",
+    ] {
+        assert!(row.contains(cell), "{cell} missing in {row}");
+    }
+    assert!(
+        table
+            .lines()
+            .any(|l| l.starts_with("prefix /ai/monitoring/") && l.contains("public")),
+        "{table}"
+    );
+}
+
+#[test]
+fn check_config_names_the_file_and_line_of_a_mistake() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(
+        dir.path(),
+        "      - path: /ai/v1/chat/agent\n        require: [duo_chta]\n",
+    );
+    let out = run(&["check-config", "--config", config.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(2));
+    let err = text(&out.stderr);
+    assert!(
+        err.contains("duo_chta") && err.contains(&format!("{}:15", config.display())),
+        "{err}"
+    );
+    assert!(!err.contains("panicked"), "{err}");
+}
+
+#[test]
+fn mint_and_check_against_serve_with_a_config() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), "");
+    let key = dir.path().join("key.pem");
+    std::fs::write(&key, test_key(1).to_pkcs8_pem().unwrap()).unwrap();
+    let (grpc, admin) = (free_addr(), free_addr());
+    let mut sidecar = Sidecar(
+        Command::new(BIN)
+            .args([
+                "serve",
+                "--config",
+                config.to_str().unwrap(),
+                "--grpc",
+                &grpc.to_string(),
+                "--admin",
+                &admin.to_string(),
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("serve starts"),
+    );
+    wait_ready(admin);
+    let mint = |scopes: &str| {
+        let out = run(&[
+            "mint",
+            "--key",
+            key.to_str().unwrap(),
+            "--kid",
+            "test-key-1",
+            "--iss",
+            "https://issuer.test",
+            "--aud",
+            "gitlab-ai-gateway",
+            "--sub",
+            "instance-9",
+            "--scopes",
+            scopes,
+            "--ttl",
+            "5m",
+            "--claim",
+            "gitlab_realm=self-managed",
+        ]);
+        assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+        text(&out.stdout).trim().to_string()
+    };
+    let grpc = grpc.to_string();
+    let check = |token: &str, headers: &[&str]| {
+        let mut args = vec![
+            "check",
+            "--grpc",
+            &grpc,
+            "--method",
+            "POST",
+            "--path",
+            "/ai/v2/code/completions",
+            "--token",
+            token,
+            "--header",
+            "x-gitlab-version:17.4.0",
+        ];
+        for h in headers {
+            args.extend_from_slice(&["--header", h]);
+        }
+        run(&args)
+    };
+    let token = mint("complete_code,duo_chat");
+    let allowed = check(
+        &token,
+        &[
+            "x-gitlab-instance-id:instance-9",
+            "x-gitlab-realm:self-managed",
+        ],
+    );
+    assert_eq!(allowed.status.code(), Some(0), "{}", text(&allowed.stdout));
+    assert!(
+        text(&allowed.stdout).contains("x-gitlab-authz-scopes: complete_code duo_chat"),
+        "{}",
+        text(&allowed.stdout)
+    );
+    let wrong_realm = check(
+        &token,
+        &["x-gitlab-instance-id:instance-9", "x-gitlab-realm:saas"],
+    );
+    assert!(
+        text(&wrong_realm.stdout).contains("header_mismatch"),
+        "{}",
+        text(&wrong_realm.stdout)
+    );
+    let too_narrow = check(
+        &mint("duo_chat"),
+        &[
+            "x-gitlab-instance-id:instance-9",
+            "x-gitlab-realm:self-managed",
+        ],
+    );
+    assert!(
+        text(&too_narrow.stdout).starts_with("deny 403"),
+        "{}",
+        text(&too_narrow.stdout)
+    );
+    assert!(sidecar.terminate().success());
+}
+
+#[test]
+fn bad_arguments_are_clear_errors_not_panics() {
+    let out = run(&["serve"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        text(&out.stderr).contains("--config"),
+        "{}",
+        text(&out.stderr)
+    );
+    let out = run(&[
+        "mint",
+        "--key",
+        "/nonexistent.pem",
+        "--kid",
+        "k",
+        "--iss",
+        "i",
+        "--aud",
+        "a",
+    ]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        text(&out.stderr).contains("cannot read /nonexistent.pem"),
+        "{}",
+        text(&out.stderr)
+    );
+    let out = run(&["check", "--grpc", &free_addr().to_string(), "--path", "/"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        text(&out.stderr).contains("cannot reach connector-authz"),
+        "{}",
+        text(&out.stderr)
+    );
+}
