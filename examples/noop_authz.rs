@@ -59,6 +59,7 @@ fn answer(same_as_connector_authz: bool) -> CheckResponse {
             scopes: common::SCOPES.iter().map(|s| s.to_string()).collect(),
             jti: Some("load-1".into()),
             unit_primitive: None,
+            deprecated: Vec::new(),
         }),
     }))
 }

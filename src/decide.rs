@@ -81,10 +81,13 @@ pub fn decide_cached(
         cache,
     };
     match check.run(require, unit_primitive_header) {
-        Ok(identity) => Decision::Allow(Allowed {
-            backend: backend.name.clone(),
-            identity: Some(identity),
-        }),
+        Ok(mut identity) => {
+            identity.deprecated.extend(route.deprecated.iter().cloned());
+            Decision::Allow(Allowed {
+                backend: backend.name.clone(),
+                identity: Some(identity),
+            })
+        }
         Err(mut denied) => {
             denied.backend = Some(backend.name.clone());
             Decision::Deny(denied)
@@ -158,12 +161,20 @@ impl TokenCheck<'_> {
         if self.config.enforce_min_version {
             self.min_version(require.iter().map(|up| &**up).chain(named))?;
         }
+        let named_deprecated = named.filter(|name| {
+            self.config
+                .registry
+                .as_deref()
+                .and_then(|r| r.unit_primitive(name))
+                .is_some_and(|up| up.deprecation.is_some())
+        });
         Ok(Identity {
             subject: claims.sub.clone().unwrap_or_default(),
             issuer: verified.issuer.clone(),
             scopes: scopes.to_vec(),
             jti: claims.jti.clone(),
             unit_primitive: named.map(str::to_string),
+            deprecated: named_deprecated.map(Arc::from).into_iter().collect(),
         })
     }
 

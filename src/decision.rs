@@ -176,6 +176,9 @@ pub struct Identity {
     pub jti: Option<String>,
     /// The unit primitive named by the request's header, on header-routed paths.
     pub unit_primitive: Option<String>,
+    /// The unit primitives this allow relied on (the route's and the header-named one)
+    /// that the registry marks deprecated; empty, and allocation-free, almost always.
+    pub deprecated: Vec<Arc<str>>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -17,7 +17,7 @@ use prost_types::{Struct, Value, value::Kind};
 use tonic::Status;
 
 use crate::decide::{Snapshot, decide_cached};
-use crate::decision::{Allowed, Decision, Denied, DenyReason, Headers, Identity, Request};
+use crate::decision::{Allowed, Decision, Denied, DenyReason, Headers, Request};
 use crate::keys::KeyRefresher;
 use crate::metrics::Metrics;
 use crate::proto::envoy::config::core::v3::{
@@ -171,8 +171,9 @@ impl Authorization for AuthzService {
             identity: Some(identity),
             ..
         }) = &decision
+            && !identity.deprecated.is_empty()
         {
-            self.note_deprecated(&input, identity);
+            self.note_deprecated(&identity.deprecated);
         }
         if tracing::enabled!(tracing::Level::DEBUG) {
             log_decision(&self.snapshot.load(), &input, &decision, elapsed);
@@ -182,28 +183,17 @@ impl Authorization for AuthzService {
 }
 
 impl AuthzService {
-    /// Counts every allowed use of a deprecated unit primitive, and logs the first one of
-    /// each (per loaded configuration) with its deprecation notice.
-    fn note_deprecated(&self, input: &CheckInput<'_>, identity: &Identity) {
+    /// Counts every allowed use of a deprecated unit primitive (as `decide` reported it),
+    /// and logs the first one of each (per loaded configuration) with its deprecation notice.
+    fn note_deprecated(&self, used: &[Arc<str>]) {
+        // Rare (only allows that relied on a deprecated unit primitive), so a second
+        // snapshot load here costs nothing on the common path.
         let snapshot = self.snapshot.load();
         let config = &snapshot.config;
         let Some(registry) = config.registry.as_deref() else {
             return;
         };
-        let mut used: Vec<&str> = Vec::new();
-        if let Some(named) = identity.unit_primitive.as_deref()
-            && registry
-                .unit_primitive(named)
-                .is_some_and(|up| up.deprecation.is_some())
-        {
-            used.push(named);
-        }
-        if config.requires_deprecated
-            && let Some(route) = config.routes.route_for(input.path, input.method)
-        {
-            used.extend(route.deprecated.iter().map(|name| &**name));
-        }
-        for name in used {
+        for name in used.iter().map(|n| &**n) {
             self.metrics.deprecated_unit_primitive_used(name);
             let Some(deprecation) = registry
                 .unit_primitive(name)
@@ -607,6 +597,7 @@ mod tests {
             scopes: vec!["code_suggestions".into(), "duo_chat".into()],
             jti: Some("jti-1".into()),
             unit_primitive: unit_primitive.map(String::from),
+            deprecated: Vec::new(),
         }
     }
 

@@ -46,8 +46,6 @@ pub struct Config {
     pub routes: RouteTable,
     pub registry: Option<Arc<Registry>>,
     pub enforce_min_version: bool,
-    /// Whether some route requires a deprecated unit primitive (see `Route::deprecated`).
-    pub requires_deprecated: bool,
     issuer_index: IssuerIndex,
 }
 
@@ -213,7 +211,6 @@ impl Compiler<'_> {
             return Err(self.err(line, "enforce_min_version needs the unit primitive registry: set `unit_primitives:` to its directory"));
         }
         let (backends, routes) = self.backends(&raw.backends, registry.as_deref())?;
-        let requires_deprecated = routes.routes().iter().any(|r| !r.deprecated.is_empty());
         Ok(Config {
             source: self.path.to_path_buf(),
             listen,
@@ -224,7 +221,6 @@ impl Compiler<'_> {
             routes,
             registry,
             enforce_min_version,
-            requires_deprecated,
             issuer_index,
         })
     }
