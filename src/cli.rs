@@ -1,6 +1,5 @@
 //! The command line: `serve`, `check-config`, `explain`, `mint` and `check`.
 
-use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -12,8 +11,7 @@ use serde_json::json;
 use crate::config::Config;
 use crate::dev::DevKey;
 use crate::proto::envoy::service::auth::v3::{
-    AttributeContext, CheckRequest, attribute_context, authorization_client::AuthorizationClient,
-    check_response,
+    authorization_client::AuthorizationClient, check_response,
 };
 use crate::route::Access;
 
@@ -78,17 +76,8 @@ pub struct ExplainArgs {
     /// The configuration file.
     #[arg(long)]
     pub config: PathBuf,
-    /// The request path (with its query string, if any), as Envoy would send it.
-    #[arg(long)]
-    pub path: String,
-    #[arg(long, default_value = "GET")]
-    pub method: String,
-    /// The bearer token, as `Authorization: Bearer <token>` would carry it.
-    #[arg(long)]
-    pub token: Option<String>,
-    /// A request header, as name:value (repeatable).
-    #[arg(long = "header", value_parser = parse_key_value::<':'>)]
-    pub headers: Vec<(String, String)>,
+    #[command(flatten)]
+    pub request: RequestArgs,
     /// Fetch the token issuer's keys now, instead of the jwks_files and keys.cache_dir.
     #[arg(long)]
     pub fetch: bool,
@@ -144,6 +133,14 @@ pub struct CheckArgs {
     /// The sidecar's gRPC address.
     #[arg(long, default_value = crate::config::DEFAULT_GRPC_LISTEN)]
     pub grpc: SocketAddr,
+    #[command(flatten)]
+    pub request: RequestArgs,
+}
+
+/// The HTTP request that `check` sends and `explain` decides on.
+#[derive(Args, Debug)]
+pub struct RequestArgs {
+    /// The request path (with its query string, if any), as Envoy would send it.
     #[arg(long)]
     pub path: String,
     #[arg(long, default_value = "GET")]
@@ -154,6 +151,13 @@ pub struct CheckArgs {
     /// A request header, as name:value (repeatable).
     #[arg(long = "header", value_parser = parse_key_value::<':'>)]
     pub headers: Vec<(String, String)>,
+}
+
+impl RequestArgs {
+    /// The headers with lower-case names, and the token as the Authorization header.
+    fn header_list(&self) -> Vec<(String, String)> {
+        crate::explain::request_headers(self.token.as_deref(), &self.headers)
+    }
 }
 
 fn parse_key_value<const SEP: char>(s: &str) -> Result<(String, String), String> {
@@ -292,15 +296,15 @@ impl Signals {
 
 async fn explain(args: ExplainArgs) -> anyhow::Result<ExitCode> {
     let config = Config::load(&args.config)?;
-    let headers = crate::explain::request_headers(args.token.as_deref(), &args.headers);
+    let headers = args.request.header_list();
     let iss = crate::explain::token_issuer(&headers, config.tokens.max_bytes);
     let (keys, notes) = crate::explain::load_keys(&config, args.fetch, iss.as_deref()).await;
     let snapshot =
         crate::decide::Snapshot::new(std::sync::Arc::new(config), std::sync::Arc::new(keys));
-    let method = args.method.to_ascii_uppercase();
+    let method = args.request.method.to_ascii_uppercase();
     let request = crate::decision::Request {
         method: &method,
-        path: &args.path,
+        path: &args.request.path,
         headers: &headers,
     };
     let explanation = crate::explain::explain(&snapshot, &request, SystemTime::now());
@@ -443,27 +447,11 @@ fn mint(args: MintArgs) -> anyhow::Result<ExitCode> {
 }
 
 async fn check(args: CheckArgs) -> anyhow::Result<ExitCode> {
-    let mut headers: HashMap<String, String> = HashMap::new();
-    for (name, value) in args.headers {
-        headers.insert(name.to_ascii_lowercase(), value);
-    }
-    if let Some(token) = args.token {
-        headers.insert("authorization".into(), format!("Bearer {token}"));
-    }
-    let request = CheckRequest {
-        attributes: Some(AttributeContext {
-            request: Some(attribute_context::Request {
-                http: Some(attribute_context::HttpRequest {
-                    method: args.method.to_ascii_uppercase(),
-                    path: args.path,
-                    headers,
-                    ..Default::default()
-                }),
-                ..Default::default()
-            }),
-            ..Default::default()
-        }),
-    };
+    let request = crate::grpc::http_check_request(
+        &args.request.method.to_ascii_uppercase(),
+        &args.request.path,
+        args.request.header_list().into_iter().collect(),
+    );
     let mut client = AuthorizationClient::connect(format!("http://{}", args.grpc))
         .await
         .map_err(|e| anyhow::anyhow!("cannot reach connector-authz at {}: {e}", args.grpc))?;

@@ -358,6 +358,31 @@ fn header_pair(header: &HeaderValue) -> (&str, Cow<'_, str>) {
     (header.key.as_str(), value)
 }
 
+/// The `CheckRequest` Envoy's ext_authz filter sends for one HTTP request, with its
+/// headers in the `headers` map (lower-case names). For clients: the `check` command,
+/// tests and benches.
+pub fn http_check_request(
+    method: &str,
+    path: &str,
+    headers: std::collections::HashMap<String, String>,
+) -> CheckRequest {
+    use crate::proto::envoy::service::auth::v3::{AttributeContext, attribute_context};
+    CheckRequest {
+        attributes: Some(AttributeContext {
+            request: Some(attribute_context::Request {
+                http: Some(attribute_context::HttpRequest {
+                    method: method.to_owned(),
+                    path: path.to_owned(),
+                    headers,
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
+    }
+}
+
 /// The `CheckResponse` for a decision. The gRPC call itself succeeds for every decision;
 /// allow or deny is carried in `status` and the HTTP response.
 pub fn to_response(decision: &Decision) -> CheckResponse {

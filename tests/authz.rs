@@ -13,8 +13,7 @@ use connector_authz::config::Config;
 use connector_authz::dev::DevKey;
 use connector_authz::proto::envoy::config::core::v3::HeaderValueOption;
 use connector_authz::proto::envoy::service::auth::v3::{
-    AttributeContext, CheckRequest, CheckResponse, attribute_context,
-    authorization_client::AuthorizationClient, check_response,
+    CheckRequest, CheckResponse, authorization_client::AuthorizationClient, check_response,
 };
 use connector_authz::serve::{self, Running};
 use serde_json::{Value, json};
@@ -110,7 +109,9 @@ backends:
         let response = self
             .client
             .clone()
-            .check(check_request(method, path, headers))
+            .check(connector_authz::grpc::http_check_request(
+                method, path, headers,
+            ))
             .await
             .expect("Check is a successful RPC")
             .into_inner();
@@ -133,23 +134,6 @@ backends:
             }
         }
         self.check("POST", path, &headers).await
-    }
-}
-
-fn check_request(method: &str, path: &str, headers: HashMap<String, String>) -> CheckRequest {
-    CheckRequest {
-        attributes: Some(AttributeContext {
-            request: Some(attribute_context::Request {
-                http: Some(attribute_context::HttpRequest {
-                    method: method.into(),
-                    path: path.into(),
-                    headers,
-                    ..Default::default()
-                }),
-                ..Default::default()
-            }),
-            ..Default::default()
-        }),
     }
 }
 

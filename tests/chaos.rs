@@ -13,8 +13,7 @@ use std::time::{Duration, Instant};
 
 use connector_authz::config::Config;
 use connector_authz::proto::envoy::service::auth::v3::{
-    AttributeContext, CheckRequest, attribute_context, authorization_client::AuthorizationClient,
-    check_response,
+    CheckRequest, authorization_client::AuthorizationClient, check_response,
 };
 use connector_authz::serve;
 use support::{FakeIssuer, Mode, claims, now, test_key, test_key_with_kid};
@@ -66,20 +65,7 @@ fn request(token: &str) -> CheckRequest {
         ),
     ]
     .into();
-    CheckRequest {
-        attributes: Some(AttributeContext {
-            request: Some(attribute_context::Request {
-                http: Some(attribute_context::HttpRequest {
-                    method: "POST".into(),
-                    path: "/ai/v2/code/completions".into(),
-                    headers,
-                    ..Default::default()
-                }),
-                ..Default::default()
-            }),
-            ..Default::default()
-        }),
-    }
+    connector_authz::grpc::http_check_request("POST", "/ai/v2/code/completions", headers)
 }
 
 fn rss_kib() -> u64 {

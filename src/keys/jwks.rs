@@ -19,6 +19,8 @@ use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use jsonwebtoken::{Algorithm, DecodingKey};
 use serde_json::{Map, Value};
 
+use crate::config::parse_algorithm;
+
 use super::{KeySet, KeySource, VerifyingKey};
 
 /// Smallest RSA modulus we accept; smaller keys are factorable in practice.
@@ -180,7 +182,7 @@ fn parse_key(entry: &Value) -> Result<ParsedKey, String> {
     }
     let alg = match optional_str(object, "alg")? {
         None => None,
-        Some(name) => Some(asymmetric_algorithm(name)?),
+        Some(name) => Some(parse_algorithm(name).map_err(|why| format!("\"alg\": {why}"))?),
     };
     let kty = required_str(object, "kty")?;
 
@@ -251,27 +253,6 @@ fn optional_str<'a>(object: &'a Map<String, Value>, name: &str) -> Result<Option
 
 fn required_str<'a>(object: &'a Map<String, Value>, name: &str) -> Result<&'a str, String> {
     optional_str(object, name)?.ok_or_else(|| format!("\"{name}\" is missing"))
-}
-
-/// The JWS algorithms a published key may pin. HMAC and `none` are refused here as well as
-/// in the token allow-list: a key set that offers them is either broken or an attack.
-fn asymmetric_algorithm(name: &str) -> Result<Algorithm, String> {
-    let alg = match name {
-        "RS256" => Algorithm::RS256,
-        "RS384" => Algorithm::RS384,
-        "RS512" => Algorithm::RS512,
-        "PS256" => Algorithm::PS256,
-        "PS384" => Algorithm::PS384,
-        "PS512" => Algorithm::PS512,
-        "ES256" => Algorithm::ES256,
-        "ES384" => Algorithm::ES384,
-        _ => {
-            return Err(format!(
-                "\"alg\" {name:?} is not an accepted signature algorithm"
-            ));
-        }
-    };
-    Ok(alg)
 }
 
 fn is_rsa_algorithm(alg: Algorithm) -> bool {
