@@ -470,8 +470,8 @@ mod tests {
         for expected in [
             "(kid \"enc\"): skipped, \"use\" is \"enc\"",
             "(kid \"test-rsa-1024\"): skipped, RSA modulus has 1024 bits",
-            "\"alg\" \"HS256\" is not an accepted",
-            "\"alg\" \"none\" is not an accepted",
+            "(kid \"hs\"): skipped, \"alg\": \"HS256\" is never accepted",
+            "(kid \"none\"): skipped, \"alg\": \"none\" is never accepted",
             "symmetric (\"oct\") keys are never accepted",
             "key type \"OKP\" is not supported",
             "\"n\" is not base64url",
