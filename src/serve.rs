@@ -9,7 +9,6 @@
 //! then the admin listener closes and the key refresh stops. Keys are stopped last so
 //! that a Check waiting for an unknown-kid refresh still gets its answer.
 
-use std::future::Future;
 use std::hash::{Hash as _, Hasher as _};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -240,15 +239,6 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         health_task,
         tasks: vec![admin_task],
     })
-}
-
-/// Serves until `shutdown` resolves, then drains for at most [`DEFAULT_DRAIN_TIMEOUT`].
-pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
-    let running = start(config).await?;
-    shutdown.await;
-    tracing::info!("shutting down");
-    running.shutdown().await;
-    Ok(())
 }
 
 /// A change made to every reloaded configuration (see [`Running::adjust_reloads`]).

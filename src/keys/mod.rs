@@ -98,13 +98,6 @@ impl KeySnapshot {
         Self { issuers }
     }
 
-    /// A new snapshot without `issuer` (used when a reload removes an issuer).
-    pub fn without_issuer(&self, issuer: &str) -> Self {
-        let mut issuers = self.issuers.clone();
-        issuers.remove(issuer);
-        Self { issuers }
-    }
-
     /// A new snapshot with only the issuers `keep` accepts (a reload drops the others).
     pub fn retain_issuers(&self, keep: impl Fn(&str) -> bool) -> Self {
         let mut issuers = self.issuers.clone();
