@@ -14,7 +14,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use crate::config::{Backend, Config, parse_algorithm};
 use crate::decision::{Allowed, Decision, Denied, DenyReason, HeaderValue, Identity, Request};
 use crate::keys::{KeySnapshot, canonical_issuer};
-use crate::registry::GitlabVersion;
+use crate::registry::{GitlabVersion, UnitPrimitive};
 use crate::route::{Access, normalize_path};
 use crate::token::{self, Claims};
 use crate::token_cache::{TokenCache, VerifiedToken};
@@ -154,20 +154,17 @@ impl TokenCheck<'_> {
                 format!("the token does not grant the unit primitive {missing}"),
             ));
         }
-        let named = match unit_primitive_header {
+        let named_up = match unit_primitive_header {
             Some(header) => Some(self.named_unit_primitive(header, scopes)?),
             None => None,
         };
+        let named = named_up.map(|up| up.name.as_str());
         if self.config.enforce_min_version {
             self.min_version(require.iter().map(|up| &**up).chain(named))?;
         }
-        let named_deprecated = named.filter(|name| {
-            self.config
-                .registry
-                .as_deref()
-                .and_then(|r| r.unit_primitive(name))
-                .is_some_and(|up| up.deprecation.is_some())
-        });
+        let named_deprecated = named_up
+            .filter(|up| up.deprecation.is_some())
+            .map(|up| up.name.as_str());
         Ok(Identity {
             subject: claims.sub.clone().unwrap_or_default(),
             issuer: verified.issuer.clone(),
@@ -291,7 +288,7 @@ impl TokenCheck<'_> {
         &'s self,
         header: &str,
         scopes: &[String],
-    ) -> Result<&'s str, Denied> {
+    ) -> Result<&'s UnitPrimitive, Denied> {
         let name = self
             .req
             .headers
@@ -322,7 +319,7 @@ impl TokenCheck<'_> {
                 format!("the token does not grant the unit primitive {}", up.name),
             ));
         }
-        Ok(up.name.as_str())
+        Ok(up)
     }
 
     fn min_version<'u>(
