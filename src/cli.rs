@@ -43,7 +43,13 @@ pub enum Command {
         source: ServeArgs,
         #[command(flatten)]
         listen: ListenArgs,
-        /// On SIGTERM or SIGINT, how long Checks in flight may take to finish.
+        /// On SIGTERM, how long to keep answering Checks with readiness already off
+        /// (`/readyz` 503, gRPC health NOT_SERVING) before draining, so that Kubernetes and
+        /// the proxies stop sending first. 0s drains at once. SIGINT, or a second SIGTERM,
+        /// skips the rest of it.
+        #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+        shutdown_delay: Duration,
+        /// Then, how long Checks in flight may take to finish.
         #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
         drain_timeout: Duration,
     },
@@ -172,8 +178,15 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Serve {
             source,
             listen,
+            shutdown_delay,
             drain_timeout,
-        } => serve(source, listen, drain_timeout).await,
+        } => {
+            let stop = Stopping {
+                delay: shutdown_delay,
+                drain: drain_timeout,
+            };
+            serve(source, listen, stop).await
+        }
         Command::CheckConfig { config } => check_config(&config),
         Command::Explain(args) => explain(args).await,
         Command::Mint(args) => mint(args),
@@ -181,7 +194,15 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     }
 }
 
-async fn serve(args: ServeArgs, listen: ListenArgs, drain: Duration) -> anyhow::Result<ExitCode> {
+/// How `serve` stops: answer with readiness off for `delay` (after SIGTERM), then drain
+/// for at most `drain`.
+#[derive(Clone, Copy, Debug)]
+struct Stopping {
+    delay: Duration,
+    drain: Duration,
+}
+
+async fn serve(args: ServeArgs, listen: ListenArgs, stop: Stopping) -> anyhow::Result<ExitCode> {
     // Signal handlers go in before anything listens, so that a SIGTERM or SIGHUP sent as
     // soon as the sidecar answers is never met by the default action (exit at once).
     let mut signals = Signals::new()?;
@@ -189,7 +210,7 @@ async fn serve(args: ServeArgs, listen: ListenArgs, drain: Duration) -> anyhow::
         let mut setup = crate::devmode::prepare()?;
         listen.apply(&mut setup.config);
         print_out(&setup.banner())?;
-        let result = serve_until_stopped(setup.config, None, drain, &mut signals).await;
+        let result = serve_until_stopped(setup.config, None, stop, &mut signals).await;
         // The directory holds the dev private key: it lives only as long as the server.
         if let Err(e) = std::fs::remove_dir_all(&setup.dir) {
             tracing::warn!(dir = %setup.dir.display(), error = %e, "cannot remove the dev directory");
@@ -198,19 +219,23 @@ async fn serve(args: ServeArgs, listen: ListenArgs, drain: Duration) -> anyhow::
     } else {
         let path = args.config.expect("clap requires --config or --dev");
         let mut config = Config::load(&path)?;
+        if let Some(warning) = unchecked_unit_primitives_warning(&config) {
+            tracing::warn!("{warning}");
+        }
         listen.apply(&mut config);
-        serve_until_stopped(config, Some(listen), drain, &mut signals).await?;
+        serve_until_stopped(config, Some(listen), stop, &mut signals).await?;
     }
     Ok(ExitCode::SUCCESS)
 }
 
-/// Serves until SIGTERM or SIGINT, then drains for at most `drain`. With `reload` (the
-/// command line's listen overrides, which apply to reloaded configurations too), reloads
-/// on SIGHUP and when the configuration file changes.
+/// Serves until SIGTERM or SIGINT; after SIGTERM keeps answering with readiness off for
+/// `stop.delay`; then drains for at most `stop.drain`. With `reload` (the command line's
+/// listen overrides, which apply to reloaded configurations too), reloads on SIGHUP and
+/// when the configuration file changes.
 async fn serve_until_stopped(
     config: Config,
     reload: Option<ListenArgs>,
-    drain: Duration,
+    stop: Stopping,
     signals: &mut Signals,
 ) -> anyhow::Result<()> {
     let mut running = crate::serve::start(config).await?;
@@ -222,12 +247,9 @@ async fn serve_until_stopped(
         }
         None => false,
     };
-    loop {
+    let first = loop {
         match signals.next().await {
-            Signal::Stop(name) => {
-                tracing::info!(signal = name, drain = %humantime::format_duration(drain), "shutting down: draining");
-                break;
-            }
+            Signal::Stop(name) => break name,
             Signal::Reload if reload => {
                 tracing::info!("SIGHUP: reloading the configuration");
                 // A rejected configuration is logged and counted; the old one keeps serving.
@@ -237,8 +259,32 @@ async fn serve_until_stopped(
                 tracing::warn!("SIGHUP: serve --dev has no configuration file to reload")
             }
         }
+    };
+    running.stop_being_ready().await;
+    // Kubernetes sends SIGTERM and removes the pod from its endpoints at the same time;
+    // the proxies learn of it a little later and keep sending until then. A person at a
+    // terminal (SIGINT) does not need the wait.
+    if first == "SIGTERM" && !stop.delay.is_zero() {
+        tracing::info!(
+            signal = first,
+            delay = %humantime::format_duration(stop.delay),
+            "shutting down: not ready, still answering Checks for the shutdown delay"
+        );
+        let cut_short = async {
+            loop {
+                if let Signal::Stop(name) = signals.next().await {
+                    return name;
+                }
+                tracing::info!("SIGHUP ignored: shutting down");
+            }
+        };
+        tokio::select! {
+            () = tokio::time::sleep(stop.delay) => {}
+            name = cut_short => tracing::info!(signal = name, "shutdown delay cut short"),
+        }
     }
-    running.shutdown_within(drain).await;
+    tracing::info!(signal = first, drain = %humantime::format_duration(stop.drain), "shutting down: draining");
+    running.shutdown_within(stop.drain).await;
     tracing::info!("stopped");
     Ok(())
 }
@@ -321,6 +367,9 @@ async fn explain(args: ExplainArgs) -> anyhow::Result<ExitCode> {
     })
 }
 
+/// Loads the configuration (with the registry it names), reads every `jwks_file` as
+/// `serve` would, and prints what it enforces. Exit 0 when `serve` would become ready on
+/// the files (network issuers are not contacted), 2 otherwise; warnings do not fail it.
 fn check_config(path: &Path) -> anyhow::Result<ExitCode> {
     let config = Config::load(path)?;
     let mut out = format!(
@@ -330,17 +379,119 @@ fn check_config(path: &Path) -> anyhow::Result<ExitCode> {
         config.backends.len(),
         config.routes.routes().len()
     );
+    let mut errors = Vec::new();
     for issuer in &config.issuers {
-        out.push_str(&format!(
-            "  issuer {} keys from {:?}\n",
-            issuer.name, issuer.keys_from
-        ));
+        match key_source(&config, issuer) {
+            Ok(line) => out.push_str(&format!("  issuer {}: {line}\n", issuer.name)),
+            Err(error) => {
+                out.push_str(&format!("  issuer {}: NO KEYS: {error}\n", issuer.name));
+                errors.push(format!("issuer {}: {error}", issuer.name));
+            }
+        }
+    }
+    match &config.registry {
+        Some(registry) => out.push_str(&format!(
+            "  unit primitive registry: {} unit primitive(s), {} backend service(s)\n",
+            registry.unit_primitives().count(),
+            registry.backend_services().count(),
+        )),
+        None => out.push_str("  unit primitive registry: none (unit_primitives: not set)\n"),
     }
     out.push('\n');
     out.push_str(&route_table(&config));
+    out.push_str(ROUTE_TABLE_LEGEND);
     print_out(&out)?;
-    Ok(ExitCode::SUCCESS)
+    if let Some(warning) = unchecked_unit_primitives_warning(&config) {
+        eprintln!("warning: {warning}");
+    }
+    if errors.is_empty() {
+        return Ok(ExitCode::SUCCESS);
+    }
+    for error in &errors {
+        eprintln!("connector-authz: {}: {error}", path.display());
+    }
+    eprintln!(
+        "connector-authz: serve would never be ready with this configuration: {} issuer(s) without keys",
+        errors.len()
+    );
+    Ok(ExitCode::from(2))
 }
+
+/// Where an issuer's keys come from, in words; a `jwks_file` is read and parsed now, and
+/// an error says why `serve` could not use it.
+fn key_source(config: &Config, issuer: &crate::config::Issuer) -> Result<String, String> {
+    use crate::config::KeysFrom;
+    match &issuer.keys_from {
+        KeysFrom::Discovery => Ok(format!(
+            "keys from OIDC discovery ({}/.well-known/openid-configuration, then its jwks_uri; fetched when serve starts)",
+            issuer.url.trim_end_matches('/')
+        )),
+        KeysFrom::JwksUri(uri) => Ok(format!(
+            "keys from jwks_uri {uri} (fetched when serve starts)"
+        )),
+        KeysFrom::JwksFile(resolved) => {
+            let shown = match &issuer.jwks_file_as_written {
+                Some(written) => crate::config::shown_path(written, resolved),
+                None => resolved.display().to_string(),
+            };
+            let limits = crate::keys::jwks::KeyLimits::default();
+            let parsed = crate::keys::fetch::load_key_file(resolved, &limits)
+                .map_err(|e| format!("jwks_file {shown}: {e}"))?;
+            let mut kids: Vec<String> = parsed
+                .key_set
+                .keys
+                .iter()
+                .map(|k| k.kid.clone().unwrap_or_else(|| "(no kid)".into()))
+                .collect();
+            kids.sort();
+            let mut line = format!(
+                "keys from jwks_file {shown}: {} usable key(s) ({})",
+                kids.len(),
+                kids.join(", ")
+            );
+            for warning in &parsed.warnings {
+                line.push_str(&format!("\n    skipped: {warning}"));
+            }
+            Ok(line)
+        }
+    }
+}
+
+/// Without a registry nothing checks the spelling of the unit primitives routes require:
+/// a typo denies every request that route gets (403 insufficient_scope).
+fn unchecked_unit_primitives_warning(config: &Config) -> Option<String> {
+    if config.registry.is_some() {
+        return None;
+    }
+    let mut names: Vec<&str> = config
+        .routes
+        .routes()
+        .iter()
+        .flat_map(|route| match &route.access {
+            Access::Token { require, .. } => require.iter().map(|r| &**r).collect(),
+            Access::Public => Vec::new(),
+        })
+        .collect();
+    names.sort_unstable();
+    names.dedup();
+    if names.is_empty() {
+        return None;
+    }
+    Some(format!(
+        "no unit primitive registry (`unit_primitives:`), so nothing checks that the {} unit primitive(s) the routes require exist: {}. A misspelt one denies every request on its route. Point `unit_primitives:` at the registry: /usr/share/connector-authz/cloud_connector in the container image, config/cloud_connector/ in the repository.",
+        names.len(),
+        names.join(", ")
+    ))
+}
+
+/// Printed under the route table.
+const ROUTE_TABLE_LEGEND: &str = "
+NEEDS: the unit primitives a token's `scopes` must hold (<header>: the one the request names in it).
+FREE UNTIL: the registry's cut_off_date, the end of free access: until then GitLab grants the unit
+  primitive without a paid add-on; after it only with one of its add-ons. GitLab applies it when it
+  issues tokens; connector-authz only checks `scopes`. MIN GITLAB: the registry's min_gitlab_version,
+  enforced only with `enforce_min_version: true`. -: not set (or no registry).
+";
 
 /// What the configuration enforces, one line per route: pattern, methods, backend
 /// (audience), what it needs, and for each unit primitive its free-until date and

@@ -4,7 +4,10 @@
 //! configuration when asked, and drain on the way out.
 //!
 //! Shutting down ([`Running::shutdown_within`]) goes in this order: readiness turns to
-//! 503 and gRPC health to `NOT_SERVING`; the gRPC listener stops accepting and every
+//! 503 and gRPC health to `NOT_SERVING` ([`Running::stop_being_ready`], which the command
+//! line calls first and then keeps answering Checks for `serve --shutdown-delay`, so that
+//! load balancers and proxies stop sending before the listener goes away); the gRPC
+//! listener stops accepting and every
 //! Check in flight finishes (within the drain time, after which the rest are dropped);
 //! then the admin listener closes and the key refresh stops. Keys are stopped last so
 //! that a Check waiting for an unknown-kid refresh still gets its answer.
@@ -37,6 +40,11 @@ use crate::transport::CoalescingIncoming;
 /// The gRPC service name that health checks ask about, besides the server as a whole ("").
 const AUTHZ_SERVICE_NAME: &str = "envoy.service.auth.v3.Authorization";
 
+/// How long the sidecar keeps answering Checks after SIGTERM with readiness already off,
+/// before it drains: long enough for Kubernetes to take the pod out of its endpoints and
+/// for the proxies that call it to notice.
+pub const DEFAULT_SHUTDOWN_DELAY: Duration = Duration::from_secs(5);
+
 /// How long Checks in flight may take to finish once shutdown starts.
 pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -59,7 +67,8 @@ pub struct Running {
     /// Stops the admin listener and the configuration watcher.
     stop_rest: watch::Sender<bool>,
     grpc_task: JoinHandle<()>,
-    health_task: JoinHandle<()>,
+    /// Follows readiness into gRPC health until draining starts; `None` once it ended.
+    health_task: Option<JoinHandle<()>>,
     tasks: Vec<JoinHandle<()>>,
 }
 
@@ -112,14 +121,24 @@ impl Running {
         self.shutdown_within(DEFAULT_DRAIN_TIMEOUT).await;
     }
 
-    /// Drains and stops: see the module docs for the order. Checks still running after
-    /// `drain` are dropped (their callers see the connection close).
-    pub async fn shutdown_within(mut self, drain: Duration) {
+    /// Turns readiness off for good (`/readyz` 503 with `"draining": true`, gRPC health
+    /// `NOT_SERVING`) while every listener keeps serving: Checks are still answered, on
+    /// open connections and new ones. The first step of shutting down; calling it again
+    /// does nothing.
+    pub async fn stop_being_ready(&mut self) {
         self.draining.send_replace(true);
         // The health task stops following readiness when draining starts; then we have
         // the last word.
-        let _ = (&mut self.health_task).await;
-        report_health(&self.health, false).await;
+        if let Some(task) = self.health_task.take() {
+            let _ = task.await;
+            report_health(&self.health, false).await;
+        }
+    }
+
+    /// Drains and stops: see the module docs for the order. Checks still running after
+    /// `drain` are dropped (their callers see the connection close).
+    pub async fn shutdown_within(mut self, drain: Duration) {
+        self.stop_being_ready().await;
         let _ = self.stop_grpc.send(true);
         if tokio::time::timeout(drain, &mut self.grpc_task)
             .await
@@ -236,7 +255,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         stop_grpc,
         stop_rest,
         grpc_task,
-        health_task,
+        health_task: Some(health_task),
         tasks: vec![admin_task],
     })
 }

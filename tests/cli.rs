@@ -87,6 +87,7 @@ fn text(bytes: &[u8]) -> String {
 #[test]
 fn serve_dev_answers_checks_on_the_embedded_default() {
     let (grpc, admin) = (free_addr(), free_addr());
+    let logs = tempfile::NamedTempFile::new().expect("a log file");
     let child = Command::new(BIN)
         .args([
             "serve",
@@ -95,9 +96,12 @@ fn serve_dev_answers_checks_on_the_embedded_default() {
             &grpc.to_string(),
             "--admin",
             &admin.to_string(),
+            "--shutdown-delay",
+            "0s",
         ])
+        .env_remove("NO_COLOR")
         .stdout(Stdio::piped())
-        .stderr(Stdio::null())
+        .stderr(logs.reopen().expect("reopen the log file"))
         .spawn()
         .expect("serve --dev starts");
     let mut sidecar = Sidecar(child);
@@ -162,6 +166,15 @@ fn serve_dev_answers_checks_on_the_embedded_default() {
     assert!(
         !Path::new(&dir).exists(),
         "serve --dev must remove {dir} (it holds the dev private key)"
+    );
+    // stderr is a file, not a terminal: text logs without colour codes (what `kubectl logs`
+    // would otherwise show as `[2m…[32m INFO`).
+    let logged = std::fs::read_to_string(logs.path()).expect("read the log file");
+    assert!(logged.contains("connector-authz is serving"), "{logged}");
+    assert!(logged.contains(" INFO "), "{logged}");
+    assert!(
+        !logged.contains('\x1b'),
+        "colour codes in the logs: {logged:?}"
     );
 }
 
@@ -228,6 +241,133 @@ fn check_config_prints_what_is_enforced() {
 }
 
 #[test]
+fn check_config_reads_each_jwks_file_and_names_key_sources_in_words() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir(dir.path().join("keys")).unwrap();
+    std::fs::write(
+        dir.path().join("keys/good.json"),
+        DevKey::key_set_json(&[&test_key(1), &test_key(2)]).to_string(),
+    )
+    .unwrap();
+    let write = |issuers: &str| {
+        let config = dir.path().join("config.yaml");
+        std::fs::write(
+            &config,
+            format!(
+                "issuers:\n{issuers}backends:\n  - name: svc\n    audience: svc\n    routes: [{{prefix: /, require: []}}]\n"
+            ),
+        )
+        .unwrap();
+        run(&["check-config", "--config", config.to_str().unwrap()])
+    };
+
+    let good = write(
+        "  - url: https://issuer.test\n    jwks_file: keys/good.json\n  - url: https://gitlab.com\n    jwks_uri: https://gitlab.com/oauth/discovery/keys\n  - url: https://customers.gitlab.com\n",
+    );
+    assert_eq!(good.status.code(), Some(0), "{}", text(&good.stderr));
+    let out = text(&good.stdout);
+    assert!(
+        out.contains("2 usable key(s) (test-key-1, test-key-2)"),
+        "{out}"
+    );
+    assert!(
+        out.contains("keys from jwks_uri https://gitlab.com/oauth/discovery/keys"),
+        "{out}"
+    );
+    assert!(
+        out.contains(
+            "keys from OIDC discovery (https://customers.gitlab.com/.well-known/openid-configuration"
+        ),
+        "{out}"
+    );
+    assert!(
+        !out.contains("JwksUri(") && !out.contains("JwksFile("),
+        "{out}"
+    );
+    assert!(
+        out.contains("FREE UNTIL: the registry's cut_off_date"),
+        "{out}"
+    );
+
+    // Missing: serve would never be ready, so check-config fails, with both paths.
+    let missing = write("  - url: https://issuer.test\n    jwks_file: keys/missing.json\n");
+    assert_eq!(missing.status.code(), Some(2), "{}", text(&missing.stdout));
+    let err = text(&missing.stderr);
+    let resolved = dir.path().join("keys/missing.json");
+    assert!(
+        err.contains("jwks_file keys/missing.json (resolved to")
+            && err.contains(&resolved.display().to_string()),
+        "{err}"
+    );
+    assert!(err.contains("never be ready"), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
+
+    // Readable, but not a key set serve could use.
+    std::fs::write(dir.path().join("keys/empty.json"), r#"{"keys": []}"#).unwrap();
+    let unusable = write("  - url: https://issuer.test\n    jwks_file: keys/empty.json\n");
+    assert_eq!(unusable.status.code(), Some(2));
+    assert!(
+        text(&unusable.stderr).contains("no usable signing key"),
+        "{}",
+        text(&unusable.stderr)
+    );
+    std::fs::write(dir.path().join("keys/html.json"), "<html>").unwrap();
+    let not_json = write("  - url: https://issuer.test\n    jwks_file: keys/html.json\n");
+    assert_eq!(not_json.status.code(), Some(2));
+    assert!(text(&not_json.stderr).contains("not valid JSON"));
+}
+
+#[test]
+fn check_config_reads_the_registry_and_warns_when_none_checks_the_routes() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("jwks.json"),
+        DevKey::key_set_json(&[&test_key(1)]).to_string(),
+    )
+    .unwrap();
+    let write = |registry: &str| {
+        let config = dir.path().join("config.yaml");
+        std::fs::write(
+            &config,
+            format!(
+                "issuers: [{{url: https://issuer.test, jwks_file: jwks.json}}]\n{registry}backends:\n  - name: svc\n    audience: gitlab-ai-gateway\n    routes:\n      - {{path: /chat, require: [duo_chta]}}\n      - {{path: /code, require: [complete_code]}}\n"
+            ),
+        )
+        .unwrap();
+        run(&["check-config", "--config", config.to_str().unwrap()])
+    };
+    // No registry: the typo passes, but not silently.
+    let unchecked = write("");
+    assert_eq!(
+        unchecked.status.code(),
+        Some(0),
+        "{}",
+        text(&unchecked.stderr)
+    );
+    let warning = text(&unchecked.stderr);
+    assert!(
+        warning.contains("warning: no unit primitive registry")
+            && warning.contains("complete_code, duo_chta"),
+        "{warning}"
+    );
+    // With the registry the typo is an error.
+    let registry = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/cloud_connector");
+    let checked = write(&format!("unit_primitives: {}\n", registry.display()));
+    assert_eq!(checked.status.code(), Some(2));
+    assert!(text(&checked.stderr).contains("duo_chta"));
+    assert!(!text(&checked.stderr).contains("warning"));
+    // A registry path that does not exist: an error with the path as written and resolved.
+    let missing = write("unit_primitives: registry/\n");
+    assert_eq!(missing.status.code(), Some(2));
+    let err = text(&missing.stderr);
+    assert!(
+        err.contains("unit_primitives registry/ (resolved to")
+            && err.contains(&dir.path().join("registry").display().to_string()),
+        "{err}"
+    );
+}
+
+#[test]
 fn check_config_names_the_file_and_line_of_a_mistake() {
     let dir = tempfile::tempdir().unwrap();
     let config = write_config(
@@ -261,6 +401,8 @@ fn mint_and_check_against_serve_with_a_config() {
                 &grpc.to_string(),
                 "--admin",
                 &admin.to_string(),
+                "--shutdown-delay",
+                "0s",
             ])
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -381,5 +523,52 @@ fn bad_arguments_are_clear_errors_not_panics() {
         text(&out.stderr).contains("cannot reach connector-authz"),
         "{}",
         text(&out.stderr)
+    );
+}
+
+/// The shipped Deployment runs connector-authz with arguments the real command line
+/// accepts, JSON logs and a shutdown delay that fits in the pod's grace period. (Which
+/// environment variables it may set is checked by tests/e2e/validate_manifests.py against
+/// what src/ reads.)
+#[test]
+fn the_deployment_manifest_arguments_parse() {
+    use clap::Parser as _;
+    use connector_authz::cli::{Cli, Command as Cmd, LogFormat};
+
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("envoy/kubernetes/deployment.yaml");
+    let text = std::fs::read_to_string(&path).expect("read deployment.yaml");
+    let doc: serde_json::Value = serde_saphyr::from_str(&text).expect("deployment.yaml parses");
+    let pod = &doc["spec"]["template"]["spec"];
+    let container = pod["containers"]
+        .as_array()
+        .expect("containers")
+        .iter()
+        .find(|c| c["name"] == "connector-authz")
+        .expect("a connector-authz container");
+    let mut argv = vec!["connector-authz".to_string()];
+    argv.extend(
+        container["args"]
+            .as_array()
+            .expect("args")
+            .iter()
+            .map(|a| a.as_str().expect("string arg").to_string()),
+    );
+    let cli = Cli::try_parse_from(&argv).unwrap_or_else(|e| panic!("{argv:?}: {e}"));
+    assert!(matches!(cli.log_format, LogFormat::Json), "{argv:?}");
+    let Cmd::Serve {
+        source,
+        shutdown_delay,
+        drain_timeout,
+        ..
+    } = cli.command
+    else {
+        panic!("not serve: {argv:?}");
+    };
+    assert!(source.config.is_some() && !source.dev, "{argv:?}");
+    assert!(!shutdown_delay.is_zero(), "rollouts need a shutdown delay");
+    let grace = pod["terminationGracePeriodSeconds"].as_u64().unwrap_or(30);
+    assert!(
+        Duration::from_secs(grace) > shutdown_delay + drain_timeout,
+        "terminationGracePeriodSeconds {grace} does not cover {shutdown_delay:?} + {drain_timeout:?}"
     );
 }

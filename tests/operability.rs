@@ -600,12 +600,18 @@ struct Sidecar {
 }
 
 impl Sidecar {
+    /// Drains at once on SIGTERM (no shutdown delay).
     fn start(config: &Path, log: PathBuf) -> Sidecar {
+        Self::start_with(config, log, &["--shutdown-delay", "0s"])
+    }
+
+    fn start_with(config: &Path, log: PathBuf, extra: &[&str]) -> Sidecar {
         let out = File::create(&log).expect("create log file");
         let child = Command::new(AUTHZ_BIN)
             .args(["--log-format", "json", "serve", "--config"])
             .arg(config)
             .args(["--drain-timeout", "5s"])
+            .args(extra)
             .env("CONNECTOR_AUTHZ_LOG", "debug")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -813,6 +819,98 @@ backends: [{{name: svc, audience: svc, routes: [{{prefix: /, require: []}}]}}]
     assert_eq!(code, Some(0), "{}", sidecar.text());
     assert!(signalled.elapsed() < Duration::from_secs(5));
     let text = sidecar.text();
+    assert!(text.contains("shutting down: draining"), "{text}");
+}
+
+/// `serve --shutdown-delay`: after SIGTERM readiness is off at once, yet Checks keep being
+/// answered (on a connection opened before the signal and on a new one) until the delay
+/// ends; a second SIGTERM cuts the delay short and the process drains and exits 0. The
+/// delay is long (10 min) so that only the second signal can end it in this test.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_keeps_answering_checks_with_readiness_off_for_the_shutdown_delay() {
+    use tonic_health::pb::health_check_response::ServingStatus;
+    use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
+
+    let dir = tempfile::tempdir().expect("temp dir");
+    let key = test_key(1);
+    let jwks = jwks_file(dir.path(), "jwks.json", &[&key]);
+    let config = dir.path().join("config.yaml");
+    std::fs::write(
+        &config,
+        format!(
+            "listen: {{grpc: 127.0.0.1:0, admin: 127.0.0.1:0}}
+issuers: [{{url: {ISS}, jwks_file: {}}}]
+backends: [{{name: svc, audience: svc, routes: [{{prefix: /, require: []}}]}}]
+",
+            jwks.display()
+        ),
+    )
+    .expect("write config");
+    let log = dir.path().join("sidecar.log");
+    let mut sidecar = tokio::task::block_in_place(|| {
+        Sidecar::start_with(&config, log, &["--shutdown-delay", "10m"])
+    });
+    let admin = sidecar.admin.clone();
+    let readyz = async || {
+        reqwest::get(format!("http://{admin}/readyz"))
+            .await
+            .map(|r| r.status().as_u16())
+            .ok()
+    };
+    assert!(
+        within(WAIT, async || readyz().await == Some(200)).await,
+        "{}",
+        sidecar.text()
+    );
+    let before = sidecar.client().await;
+    let token = token_for(&key, ISS, "svc", &[]);
+    assert_eq!(check(&before, "/x", Some(&token), &[]).await, Ok(()));
+
+    sidecar.signal("TERM");
+    let not_ready = within(WAIT, async || readyz().await == Some(503)).await;
+    assert!(not_ready, "readiness stayed on:\n{}", sidecar.text());
+    let channel = Channel::from_shared(format!("http://{}", sidecar.grpc))
+        .expect("uri")
+        .connect()
+        .await
+        .expect("a new connection is still accepted during the delay");
+    let health = HealthClient::new(channel.clone())
+        .check(HealthCheckRequest {
+            service: "envoy.service.auth.v3.Authorization".into(),
+        })
+        .await
+        .expect("health answers")
+        .into_inner();
+    assert_eq!(health.status, ServingStatus::NotServing as i32);
+    let after = AuthorizationClient::new(channel);
+    assert_eq!(check(&after, "/x", Some(&token), &[]).await, Ok(()));
+    assert_eq!(check(&before, "/x", Some(&token), &[]).await, Ok(()));
+    assert_eq!(
+        check(&after, "/x", None, &[]).await,
+        Err("missing_token".into()),
+        "denials are still decided, not failed"
+    );
+    assert_eq!(
+        sidecar.child.try_wait().expect("try_wait"),
+        None,
+        "exited during the delay"
+    );
+    let text = sidecar.text();
+    assert!(
+        text.contains("still answering Checks for the shutdown delay"),
+        "{text}"
+    );
+    assert!(
+        !text.contains("shutting down: draining"),
+        "drained before the delay ended: {text}"
+    );
+
+    drop((before, after));
+    sidecar.signal("TERM");
+    let code = tokio::task::block_in_place(|| sidecar.wait(WAIT));
+    assert_eq!(code, Some(0), "{}", sidecar.text());
+    let text = sidecar.text();
+    assert!(text.contains("shutdown delay cut short"), "{text}");
     assert!(text.contains("shutting down: draining"), "{text}");
 }
 

@@ -63,6 +63,9 @@ pub struct Issuer {
     /// The `url` as written.
     pub url: String,
     pub keys_from: KeysFrom,
+    /// The `jwks_file` as written, when it differs from the resolved path in
+    /// [`KeysFrom::JwksFile`] (a relative path): messages show both.
+    pub jwks_file_as_written: Option<PathBuf>,
 }
 
 /// Where an issuer's keys come from.
@@ -156,6 +159,20 @@ impl Config {
     }
 }
 
+/// A path from the configuration for a message: as written, and for a relative one also
+/// where it resolved to (relative to the configuration file's directory, made absolute).
+pub fn shown_path(written: &Path, resolved: &Path) -> String {
+    if written.is_absolute() {
+        return written.display().to_string();
+    }
+    let absolute = std::path::absolute(resolved).unwrap_or_else(|_| resolved.to_path_buf());
+    format!(
+        "{} (resolved to {}, relative to the configuration file)",
+        written.display(),
+        absolute.display()
+    )
+}
+
 /// Canonical issuer name → index into `Config::issuers`.
 type IssuerIndex = HashMap<Arc<str>, usize>;
 
@@ -197,7 +214,11 @@ impl Compiler<'_> {
             Some(dir) => Some(Arc::new(
                 Registry::load(&self.resolve(&dir.value)).map_err(|e| {
                     if e.line == 0 && e.file == self.resolve(&dir.value) {
-                        self.err(dir.line(), format!("unit_primitives: {}", e.message))
+                        let shown = shown_path(&dir.value, &self.resolve(&dir.value));
+                        self.err(
+                            dir.line(),
+                            format!("unit_primitives {shown}: {}", e.message),
+                        )
                     } else {
                         e
                     }
@@ -314,10 +335,15 @@ impl Compiler<'_> {
             }
             lines.insert(name.clone(), line);
             index.insert(name.clone(), issuers.len());
+            let jwks_file_as_written = jwks_file
+                .as_ref()
+                .map(|f| f.value.clone())
+                .filter(|f| f.is_relative());
             issuers.push(Issuer {
                 name,
                 url: url_text.to_string(),
                 keys_from,
+                jwks_file_as_written,
             });
         }
         Ok((issuers, index))

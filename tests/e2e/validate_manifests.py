@@ -139,7 +139,8 @@ def sidecar_forwards_paths_unchanged():
 
 @check
 def kubernetes_manifests_validate_strict():
-    files = sorted(glob.glob(os.path.join(REPO, "envoy", "kubernetes", "*.yaml")))
+    files = sorted(f for f in glob.glob(os.path.join(REPO, "envoy", "kubernetes", "*.yaml"))
+                   if os.path.basename(f) != "kustomization.yaml")
     assert files, "no manifests in envoy/kubernetes/"
     out = subprocess.run([sys.executable, "-m", "kubernetes_validate", "--strict", *files],
                          capture_output=True, text=True)
@@ -209,7 +210,15 @@ def istio_authorization_policy():
     pod_labels = deployment()["spec"]["template"]["metadata"]["labels"]
     for k, v in spec["selector"]["matchLabels"].items():
         assert pod_labels.get(k) == v, f"selector {k}={v} does not select the Deployment's pods"
-    assert ap["metadata"]["namespace"] == deployment()["metadata"]["namespace"]
+    # The application port only: connector-authz's admin port (/metrics, /readyz) must not
+    # go through ext_authz, which would deny it (no_route).
+    app_ports = {str(p["containerPort"]) for p in container("ai-gateway")["ports"]}
+    admin_port = str(int(authz_config()["listen"]["admin"].rsplit(":", 1)[1]))
+    for rule in spec["rules"]:
+        for to in rule.get("to", []):
+            ports = to["operation"].get("ports")
+            assert ports, f"rule without ports also sends the admin port {admin_port} to ext_authz: {rule}"
+            assert set(ports) <= app_ports and admin_port not in ports, (ports, app_ports)
 
 
 @check
@@ -234,8 +243,9 @@ def configmap_config_matches_design():
 def deployment_wires_config_ports_and_cache():
     c = container("connector-authz")
     cfg = authz_config()
-    assert c["args"][:1] == ["serve"] and "--config" in c["args"]
-    config_path = c["args"][c["args"].index("--config") + 1]
+    args = split_flags(c["args"])
+    assert "serve" in args and "--config" in args, args
+    config_path = args[args.index("--config") + 1]
     mounts = {m["name"]: m["mountPath"] for m in c["volumeMounts"]}
     volumes = {v["name"]: v for v in deployment()["spec"]["template"]["spec"]["volumes"]}
     assert os.path.dirname(config_path) == mounts["config"], "--config must be inside the ConfigMap mount"
@@ -251,6 +261,112 @@ def deployment_wires_config_ports_and_cache():
     assert sc["runAsNonRoot"] and sc["readOnlyRootFilesystem"] and sc["allowPrivilegeEscalation"] is False
     assert sc["capabilities"]["drop"] == ["ALL"] and sc["seccompProfile"]["type"] == "RuntimeDefault"
     assert c["resources"]["requests"] and c["resources"]["limits"]
+
+
+def split_flags(args):
+    """`--flag=value` as two arguments, as clap reads it."""
+    out = []
+    for a in args:
+        out.extend(a.split("=", 1) if a.startswith("--") and "=" in a else [a])
+    return out
+
+
+def duration_seconds(text):
+    units = {"ms": 0.001, "s": 1, "m": 60, "h": 3600}
+    for unit in ("ms", "s", "m", "h"):
+        if text.endswith(unit) and text[: -len(unit)].isdigit():
+            return int(text[: -len(unit)]) * units[unit]
+    raise AssertionError(f"not a duration this check reads: {text}")
+
+
+def env_vars_the_binary_reads():
+    """Every variable named in a std::env / EnvFilter read in src/, and the proxy variables
+    that reqwest's default client reads (hyper-util's proxy matcher: upper and lower case)."""
+    import re
+    names = set()
+    for path in glob.glob(os.path.join(REPO, "src", "**", "*.rs"), recursive=True):
+        with open(path) as f:
+            text = f.read()
+        names.update(re.findall(r'(?:env::var(?:_os)?|try_from_env)\(\s*"([A-Za-z0-9_]+)"', text))
+    for proxy in ("HTTPS_PROXY", "HTTP_PROXY", "ALL_PROXY", "NO_PROXY"):
+        names.update({proxy, proxy.lower()})
+    return names
+
+
+@check
+def deployment_sets_only_variables_the_binary_reads_and_shuts_down_in_time():
+    c = container("connector-authz")
+    read = env_vars_the_binary_reads()
+    assert "CONNECTOR_AUTHZ_LOG" in read, f"the log filter variable is not found in src/: {sorted(read)}"
+    for env in c.get("env", []):
+        assert env["name"] in read, f"deployment.yaml sets {env['name']}, which connector-authz never reads"
+    assert any(e["name"] == "CONNECTOR_AUTHZ_LOG" for e in c.get("env", []))
+    args = split_flags(c["args"])
+    assert args[args.index("--log-format") + 1] == "json", "kubectl logs wants JSON"
+    delay = duration_seconds(args[args.index("--shutdown-delay") + 1]) if "--shutdown-delay" in args else 5
+    drain = duration_seconds(args[args.index("--drain-timeout") + 1]) if "--drain-timeout" in args else 10
+    assert delay > 0, "without a shutdown delay rollouts fail Checks"
+    grace = deployment()["spec"]["template"]["spec"].get("terminationGracePeriodSeconds", 30)
+    assert grace > delay + drain, f"terminationGracePeriodSeconds {grace} <= shutdown delay {delay} + drain {drain}"
+    for other in deployment()["spec"]["template"]["spec"]["containers"]:
+        sleep = other.get("lifecycle", {}).get("preStop", {}).get("sleep", {}).get("seconds", 0)
+        assert sleep < grace, f"{other['name']}: preStop sleep {sleep} >= grace {grace}"
+
+
+def namespaced_manifests(directory):
+    files = sorted(glob.glob(os.path.join(REPO, directory, "*.yaml")))
+    docs = {}
+    for path in files:
+        name = os.path.basename(path)
+        with open(path) as f:
+            doc = yaml.safe_load(f)
+        if name == "kustomization.yaml" or doc.get("kind") == "IstioOperator":
+            continue
+        docs[name] = doc
+    return docs
+
+
+@check
+def kustomizations_set_the_namespace_for_every_manifest():
+    for directory in ("envoy/kubernetes", "envoy/istio"):
+        kust = load(f"{directory}/kustomization.yaml")
+        assert kust["kind"] == "Kustomization" and kust.get("namespace"), kust
+        docs = namespaced_manifests(directory)
+        assert sorted(kust["resources"]) == sorted(docs), \
+            f"{directory}/kustomization.yaml lists {sorted(kust['resources'])}, the directory has {sorted(docs)}"
+        for name, doc in docs.items():
+            ns = doc["metadata"].get("namespace")
+            assert ns in (None, kust["namespace"]), f"{directory}/{name} hard-codes namespace {ns}"
+    assert load("envoy/kubernetes/kustomization.yaml")["namespace"] == load("envoy/istio/kustomization.yaml")["namespace"]
+
+
+@check
+def kubectl_kustomize_renders_both():
+    import shutil
+    kubectl = shutil.which("kubectl")
+    if kubectl is None:
+        return "skipped: no kubectl (kubectl kustomize renders the kustomizations offline)"
+    for directory in ("envoy/kubernetes", "envoy/istio"):
+        out = subprocess.run([kubectl, "kustomize", os.path.join(REPO, directory)], capture_output=True, text=True)
+        assert out.returncode == 0, f"kubectl kustomize {directory}:\n{out.stderr}"
+        namespace = load(f"{directory}/kustomization.yaml")["namespace"]
+        rendered = list(yaml.safe_load_all(out.stdout))
+        assert rendered and all(d["metadata"]["namespace"] == namespace for d in rendered), out.stdout
+
+
+@check
+def istio_egress_covers_every_network_issuer():
+    from urllib.parse import urlparse
+    se = load("envoy/istio/egress.yaml")
+    assert se["kind"] == "ServiceEntry" and se["spec"]["location"] == "MESH_EXTERNAL"
+    assert [p["number"] for p in se["spec"]["ports"]] == [443]
+    hosts = set(se["spec"]["hosts"])
+    for issuer in authz_config()["issuers"]:
+        if "jwks_file" in issuer:
+            continue
+        for url in (issuer["url"], issuer.get("jwks_uri")):
+            if url:
+                assert urlparse(url).hostname in hosts, f"{url}: host not in envoy/istio/egress.yaml"
 
 
 @check
