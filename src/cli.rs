@@ -381,7 +381,7 @@ fn check_config(path: &Path) -> anyhow::Result<ExitCode> {
     );
     let mut errors = Vec::new();
     for issuer in &config.issuers {
-        match key_source(&config, issuer) {
+        match key_source(issuer) {
             Ok(line) => out.push_str(&format!("  issuer {}: {line}\n", issuer.name)),
             Err(error) => {
                 out.push_str(&format!("  issuer {}: NO KEYS: {error}\n", issuer.name));
@@ -419,7 +419,7 @@ fn check_config(path: &Path) -> anyhow::Result<ExitCode> {
 
 /// Where an issuer's keys come from, in words; a `jwks_file` is read and parsed now, and
 /// an error says why `serve` could not use it.
-fn key_source(config: &Config, issuer: &crate::config::Issuer) -> Result<String, String> {
+fn key_source(issuer: &crate::config::Issuer) -> Result<String, String> {
     use crate::config::KeysFrom;
     match &issuer.keys_from {
         KeysFrom::Discovery => Ok(format!(
