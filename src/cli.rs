@@ -94,7 +94,7 @@ pub struct ListenArgs {
     /// Listen for gRPC here instead of the configuration's `listen.grpc`.
     #[arg(long)]
     pub grpc: Option<SocketAddr>,
-    /// Serve /healthz and /readyz here instead of the configuration's `listen.admin`.
+    /// Serve /healthz, /readyz and /metrics here instead of the configuration's `listen.admin`.
     #[arg(long)]
     pub admin: Option<SocketAddr>,
 }
