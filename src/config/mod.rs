@@ -523,10 +523,14 @@ impl Compiler<'_> {
         }
         let table = RouteTable::new(routes).map_err(|conflict| {
             let first = &raw_route_pattern(&raw.value, conflict.first);
-            self.err(
-                route_lines[conflict.second],
-                format!("{first} is claimed twice for the same methods (first at line {}); merge the two routes or split them by methods", route_lines[conflict.first]),
-            )
+            let line = route_lines[conflict.second];
+            match &conflict.via_trailing_slash {
+                None => self.err(line, format!("{first} is claimed twice for the same methods (first at line {}); merge the two routes or split them by methods", route_lines[conflict.first])),
+                Some(slashed) => {
+                    let second = raw_route_pattern(&raw.value, conflict.second);
+                    self.err(line, format!("{second} needs a token, so it also matches {slashed:?}, which {first} (line {}) claims for the same methods; drop one of them or split them by methods", route_lines[conflict.first]))
+                }
+            }
         })?;
         Ok((backends, table))
     }
@@ -623,11 +627,17 @@ impl Compiler<'_> {
 
     fn route_path(&self, p: &Spanned<String>, key: &str) -> Result<String, ConfigError> {
         let value = p.value.as_str();
+        if value.contains(['?', '#']) {
+            return Err(self.err(
+                p.line(),
+                format!("{key} {value:?} contains '?' or '#'; routes match the path without its query, so drop them"),
+            ));
+        }
         match normalize_path(value) {
-            Ok(n) if n == value && !value.contains(['?', '#']) => Ok(value.to_string()),
+            Ok(n) if n == value => Ok(value.to_string()),
             Ok(n) => Err(self.err(
                 p.line(),
-                format!("{key} {value:?} is not in normal form; write it as {n:?}"),
+                format!("{key} {value:?} is not in canonical form (route patterns are matched against decoded, resolved paths and have no '%'); write it as {n:?}"),
             )),
             Err(e) => Err(self.err(
                 p.line(),
