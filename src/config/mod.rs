@@ -80,8 +80,16 @@ pub enum KeysFrom {
 pub struct KeySettings {
     pub refresh_interval: Duration,
     pub min_refresh_interval: Duration,
+    /// How long a request with an unknown `kid` waits for that issuer's refresh.
+    pub unknown_kid_wait: Duration,
     pub fetch_timeout: Duration,
     pub cache_dir: Option<PathBuf>,
+}
+
+impl KeySettings {
+    /// Below the 1 s ext_authz timeout of the shipped Envoy configs, so that a request
+    /// that waits for a refresh in vain is still answered (401) rather than timed out (503).
+    pub const DEFAULT_UNKNOWN_KID_WAIT: Duration = Duration::from_millis(800);
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -336,6 +344,11 @@ impl Compiler<'_> {
                 Duration::from_secs(30),
                 "keys.min_refresh_interval",
             )?,
+            unknown_kid_wait: self.duration(
+                k.unknown_kid_wait.as_ref(),
+                KeySettings::DEFAULT_UNKNOWN_KID_WAIT,
+                "keys.unknown_kid_wait",
+            )?,
             fetch_timeout: self.duration(
                 k.fetch_timeout.as_ref(),
                 Duration::from_secs(5),
@@ -348,6 +361,18 @@ impl Compiler<'_> {
             return Err(self.err(
                 line_of(&k.refresh_interval),
                 "keys.refresh_interval must be at least 1s",
+            ));
+        }
+        if settings.min_refresh_interval < Duration::from_secs(1) {
+            return Err(self.err(
+                line_of(&k.min_refresh_interval),
+                "keys.min_refresh_interval must be at least 1s: it is all that keeps tokens with made-up key ids from making us fetch keys on every request",
+            ));
+        }
+        if settings.unknown_kid_wait.is_zero() || settings.unknown_kid_wait > MAX_FETCH_TIMEOUT {
+            return Err(self.err(
+                line_of(&k.unknown_kid_wait),
+                "keys.unknown_kid_wait must be between 1ms and 60s; keep it below Envoy's ext_authz timeout (1s in the shipped configs)",
             ));
         }
         if settings.min_refresh_interval > settings.refresh_interval {
