@@ -714,12 +714,12 @@ fn cases(keys: &Keys, now: u64) -> Vec<Case> {
         (
             "scopes_trailing_space",
             json!(["complete_code "]),
-            "insufficient_scope",
+            "malformed_token",
         ),
         (
             "scopes_leading_tab",
             json!(["\tcomplete_code"]),
-            "insufficient_scope",
+            "malformed_token",
         ),
         (
             "scopes_zero_width_space",
@@ -739,12 +739,12 @@ fn cases(keys: &Keys, now: u64) -> Vec<Case> {
         (
             "scopes_with_nul",
             json!(["complete_code\u{0}"]),
-            "insufficient_scope",
+            "malformed_token",
         ),
         (
             "scopes_space_joined",
             json!(["complete_code duo_chat"]),
-            "insufficient_scope",
+            "malformed_token",
         ),
         ("scopes_empty", json!([]), "insufficient_scope"),
     ] {
