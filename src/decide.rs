@@ -12,7 +12,10 @@ use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use crate::config::{Backend, Config, parse_algorithm};
-use crate::decision::{Allowed, Decision, Denied, DenyReason, HeaderValue, Identity, Request};
+use crate::decision::{
+    Allowed, Decision, Denied, DenyReason, HeaderValue, Identity, Request, claim_fits_header,
+    scope_fits_header,
+};
 use crate::keys::{KeySnapshot, canonical_issuer};
 use crate::registry::{GitlabVersion, UnitPrimitive};
 use crate::route::{Access, normalize_path};
@@ -142,9 +145,17 @@ impl TokenCheck<'_> {
         verify::time_window(claims, self.now, leeway).map_err(|e| denied(e.reason, e.message))?;
         verify::audience(claims, &self.backend.audience)
             .map_err(|e| denied(e.reason, e.message))?;
+        let scopes = claims.scopes.as_deref().unwrap_or_default();
+        if !claims.sub.as_deref().is_none_or(claim_fits_header)
+            || !scopes.iter().all(|s| scope_fits_header(s))
+        {
+            return Err(denied(
+                DenyReason::MalformedToken,
+                "the token's sub or a scope has a control character or a scope has a space, so it cannot be passed on in a header",
+            ));
+        }
         let iss = claims.iss.as_deref().unwrap_or_default();
         self.instance_headers(claims, canonical_issuer(iss))?;
-        let scopes = claims.scopes.as_deref().unwrap_or_default();
         if let Some(missing) = require
             .iter()
             .find(|up| !scopes.iter().any(|s| s == &***up))

@@ -227,3 +227,16 @@ impl Decision {
         matches!(self, Decision::Allow(_))
     }
 }
+
+/// Whether a claim's value may be copied into an upstream header as it is. A control
+/// character is refused: Envoy rejects a header holding one (the request would fail
+/// upstream of the decision), and CR or LF could split it for a lenient backend.
+pub fn claim_fits_header(value: &str) -> bool {
+    !value.chars().any(char::is_control)
+}
+
+/// Whether a scope may be joined with the others into `x-gitlab-authz-scopes`, which
+/// separates them with spaces: a scope with whitespace in it would read as two.
+pub fn scope_fits_header(scope: &str) -> bool {
+    claim_fits_header(scope) && !scope.chars().any(char::is_whitespace)
+}

@@ -59,7 +59,8 @@ type DecideFn = fn(&Snapshot, &Request<'_>, SystemTime, &TokenCache) -> Decision
 pub struct AuthzService {
     snapshot: Arc<ArcSwap<Snapshot>>,
     refresher: Option<Arc<dyn KeyRefresher>>,
-    refresh_wait: Duration,
+    /// Overrides `keys.unknown_kid_wait` (tests).
+    refresh_wait: Option<Duration>,
     /// Verified tokens, sized by `tokens.cache_entries` / `tokens.cache_bytes`.
     cache: Arc<TokenCache>,
     /// Always [`decide_cached`] outside tests; a seam so the unknown-kid retry is tested on its own.
@@ -69,10 +70,6 @@ pub struct AuthzService {
 }
 
 impl AuthzService {
-    /// How long a request waits for an unknown-kid refresh before it is answered with the
-    /// keys at hand.
-    pub const DEFAULT_REFRESH_WAIT: Duration = Duration::from_secs(2);
-
     /// `refresher`: `None` turns the unknown-kid refresh off (static keys, `explain`).
     /// The token cache is sized by the configuration in `snapshot` at this moment.
     pub fn new(snapshot: Arc<ArcSwap<Snapshot>>, refresher: Option<Arc<dyn KeyRefresher>>) -> Self {
@@ -80,7 +77,7 @@ impl AuthzService {
         Self {
             snapshot,
             refresher,
-            refresh_wait: Self::DEFAULT_REFRESH_WAIT,
+            refresh_wait: None,
             cache,
             decide_fn: decide_cached,
             metrics: Arc::default(),
@@ -103,8 +100,10 @@ impl AuthzService {
         &self.cache
     }
 
+    /// Waits this long for an unknown-kid refresh instead of the configuration's
+    /// `keys.unknown_kid_wait`.
     pub fn with_refresh_wait(mut self, wait: Duration) -> Self {
-        self.refresh_wait = wait;
+        self.refresh_wait = Some(wait);
         self
     }
 
@@ -118,9 +117,14 @@ impl AuthzService {
     pub async fn decide_with_refresh(&self, input: &CheckInput<'_>) -> Decision {
         // The guard and the borrowed `Request` are dropped before the await: a guard held
         // across it would pin the old snapshot, and the `Request` is not `Send`.
-        let first = {
+        let (first, wait) = {
             let snapshot = self.snapshot.load();
-            (self.decide_fn)(&snapshot, &input.request(), SystemTime::now(), &self.cache)
+            let wait = self
+                .refresh_wait
+                .unwrap_or(snapshot.config.keys.unknown_kid_wait);
+            let first =
+                (self.decide_fn)(&snapshot, &input.request(), SystemTime::now(), &self.cache);
+            (first, wait)
         };
         let (issuer, refresher) = match (&first, &self.refresher) {
             (
@@ -133,13 +137,10 @@ impl AuthzService {
             _ => return first,
         };
         let refresh = refresher.refresh_unknown_kid(issuer);
-        if tokio::time::timeout(self.refresh_wait, refresh)
-            .await
-            .is_err()
-        {
+        if tokio::time::timeout(wait, refresh).await.is_err() {
             tracing::debug!(
                 %issuer,
-                wait = ?self.refresh_wait,
+                ?wait,
                 "unknown kid: refresh still running, deciding with the keys at hand"
             );
         }
@@ -967,6 +968,8 @@ mod tests {
         FindsNothing,
         /// Never finishes (the issuer hangs).
         Hangs,
+        /// Finds the keys after this long (a slow issuer).
+        FindsAfter(Duration),
     }
 
     struct FakeRefresher {
@@ -983,8 +986,13 @@ mod tests {
             assert_eq!(issuer, ISSUER);
             self.calls.fetch_add(1, Ordering::SeqCst);
             let snapshot = Arc::clone(&self.snapshot);
+            let delay = match self.refresh {
+                Refresh::FindsAfter(delay) => delay,
+                _ => Duration::ZERO,
+            };
             match self.refresh {
-                Refresh::Finds => Box::pin(async move {
+                Refresh::Finds | Refresh::FindsAfter(_) => Box::pin(async move {
+                    tokio::time::sleep(delay).await;
                     let mut next = Snapshot::clone(&snapshot.load());
                     let keys = Arc::new(KeySet::new(
                         Vec::new(),
@@ -1001,8 +1009,15 @@ mod tests {
     }
 
     fn mk_service(refresh: Option<Refresh>) -> (AuthzService, Option<Arc<FakeRefresher>>) {
+        mk_service_with("", refresh)
+    }
+
+    fn mk_service_with(
+        yaml: &str,
+        refresh: Option<Refresh>,
+    ) -> (AuthzService, Option<Arc<FakeRefresher>>) {
         let config = crate::config::Config::from_yaml(
-            "issuers: [{url: https://issuer.test}]\nbackends: [{name: b, audience: a, routes: [{prefix: /, require: []}]}]\n",
+            &format!("issuers: [{{url: https://issuer.test}}]\nbackends: [{{name: b, audience: a, routes: [{{prefix: /, require: []}}]}}]\n{yaml}"),
             std::path::Path::new("test.yaml"),
         )
         .expect("test config");
@@ -1062,6 +1077,24 @@ mod tests {
         assert_eq!(decision.reason(), Some(DenyReason::UnknownKey));
         assert_eq!(started.elapsed(), Duration::from_millis(500));
         assert_eq!(calls(&fake), 1);
+    }
+
+    /// The wait is `keys.unknown_kid_wait`, 800 ms unless set: an issuer that answers in
+    /// 900 ms is too slow by default, and in time with `unknown_kid_wait: 1s`.
+    #[tokio::test(start_paused = true)]
+    async fn unknown_kid_waits_for_keys_unknown_kid_wait() {
+        let slow = || Some(Refresh::FindsAfter(Duration::from_millis(900)));
+        let check = mk_check(&[], None);
+        let (service, _) = mk_service_with("", slow());
+        let decision = service
+            .decide_with_refresh(&to_request(&check).expect("valid"))
+            .await;
+        assert_eq!(decision.reason(), Some(DenyReason::UnknownKey));
+        let (service, _) = mk_service_with("keys: {unknown_kid_wait: 1s}\n", slow());
+        let decision = service
+            .decide_with_refresh(&to_request(&check).expect("valid"))
+            .await;
+        assert!(decision.is_allow(), "{decision:?}");
     }
 
     #[tokio::test]

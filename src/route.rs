@@ -1,13 +1,22 @@
 //! The compiled [`RouteTable`]: request path + method → the route that governs it.
 //!
-//! Paths are normalized before matching ([`normalize_path`]) so that no spelling of a
-//! protected path (`/ai/monitoring/../v2/code/x`, `/ai/monitoring/%2e%2e/v2/code/x`,
-//! `//ai/v2/code/x`) can land on a public prefix or dodge a longer one. What cannot be
-//! normalized safely (an encoded slash, a NUL, `..` above the root) is refused.
+//! The sidecar must decide on the path that the backend will serve, whatever the backend's
+//! framework, so a request path has one canonical form ([`normalize_path`]) and a path that
+//! common backends could read two ways is refused (400 `bad_path`) rather than routed:
+//! - the query and fragment are dropped and the path is percent-decoded once; an escaped
+//!   `/`, `\`, `%`, `?`, `#`, NUL or control character, and a result that is not valid UTF-8
+//!   (overlong forms included), are refused;
+//! - a segment with a `;` is refused (servlet containers strip `;params` from a segment,
+//!   other frameworks keep them), as is a `..` that climbs above the root or follows an
+//!   empty segment (`/a//..` is `/` to a backend that merges slashes first, `/a/` to one
+//!   that does not); other dot segments are resolved and repeated slashes merged.
 //!
-//! Matching: an exact `path` beats every `prefix`; among prefixes the longest wins;
-//! a route with `methods` only matches those methods, and a route that does not match
-//! the method lets the next candidate try.
+//! Matching ([`RouteTable::find`]): the most specific pattern decides — an exact `path` beats
+//! every `prefix`, a longer prefix a shorter one — and among the routes of that one pattern
+//! the method chooses (a route for GET also takes HEAD). If none of them takes the method
+//! there is no route: a request never falls through to a less specific pattern. A `path: /x`
+//! that needs a token also matches `/x/`, since most frameworks serve one handler for both;
+//! a public `path:` matches only itself, so a public route never widens.
 
 use std::borrow::Cow;
 use std::collections::HashMap;
@@ -18,11 +27,16 @@ use std::sync::Arc;
 pub enum PathError {
     NotAbsolute,
     EncodedSlash,
+    EncodedPercent,
+    EncodedDelimiter,
     Nul,
     ControlCharacter,
     Backslash,
     BadPercentEncoding,
+    NotUtf8,
+    SegmentParameter,
     AboveRoot,
+    DotsAfterEmptySegment,
 }
 
 impl PathError {
@@ -30,22 +44,29 @@ impl PathError {
         match self {
             PathError::NotAbsolute => "the request path must start with '/'",
             PathError::EncodedSlash => "the request path contains an encoded slash or backslash",
+            PathError::EncodedPercent => {
+                "the request path contains an encoded '%', which backends that decode twice read differently"
+            }
+            PathError::EncodedDelimiter => "the request path contains an encoded '?' or '#'",
             PathError::Nul => "the request path contains a NUL byte",
             PathError::ControlCharacter => "the request path contains a control character",
             PathError::Backslash => "the request path contains a backslash",
             PathError::BadPercentEncoding => "the request path has a malformed percent-encoding",
+            PathError::NotUtf8 => "the request path does not decode to valid UTF-8",
+            PathError::SegmentParameter => {
+                "the request path has a ';' in a segment, which some backends strip and others keep"
+            }
             PathError::AboveRoot => "the request path climbs above the root with '..'",
+            PathError::DotsAfterEmptySegment => {
+                "the request path has '..' right after an empty segment ('//..'), which backends resolve two ways"
+            }
         }
     }
 }
 
-/// The path without its query string or fragment, percent-decoded where the decoding
-/// cannot change its meaning (unreserved characters, RFC 3986 §2.3), with repeated
-/// slashes merged and dot segments resolved.
-///
-/// Slashes are merged before dot segments are resolved, as a backend that merges
-/// slashes would see it: otherwise `/public//../secret` resolves to `/public/secret`
-/// here but to `/secret` behind us.
+/// The canonical form of a request target: the path without its query string or fragment,
+/// percent-decoded once, with repeated slashes merged and dot segments resolved; or why it
+/// has none (see the module docs). A canonical path contains no `%`, `;`, `\`, `?` or `#`.
 pub fn normalize_path(target: &str) -> Result<Cow<'_, str>, PathError> {
     let path = match target.find(['?', '#']) {
         Some(end) => &target[..end],
@@ -57,7 +78,7 @@ pub fn normalize_path(target: &str) -> Result<Cow<'_, str>, PathError> {
     if is_plain(path) {
         return Ok(Cow::Borrowed(path));
     }
-    let decoded = decode_unreserved(path)?;
+    let decoded = decode_once(path)?;
     Ok(Cow::Owned(resolve_segments(&decoded)?))
 }
 
@@ -66,7 +87,7 @@ fn is_plain(path: &str) -> bool {
     let bytes = path.as_bytes();
     for (i, &b) in bytes.iter().enumerate() {
         match b {
-            b'%' | b'\\' | 0..=0x1f | 0x7f => return false,
+            b'%' | b'\\' | b';' | 0..=0x1f | 0x7f => return false,
             b'/' if i > 0 && bytes[i - 1] == b'/' => return false,
             b'.' if bytes[i - 1] == b'/' => {
                 // "/." starts a dot segment when followed by "/", end, or ".".
@@ -82,52 +103,38 @@ fn is_plain(path: &str) -> bool {
     true
 }
 
-fn decode_unreserved(path: &str) -> Result<String, PathError> {
+/// Percent-decodes every escape once, refusing what must not be decoded; the bytes must
+/// then be UTF-8 (which also refuses overlong forms such as `%C0%AE`).
+fn decode_once(path: &str) -> Result<String, PathError> {
     let bytes = path.as_bytes();
-    let mut out = String::with_capacity(path.len());
+    let mut out = Vec::with_capacity(bytes.len());
     let mut i = 0;
     while i < bytes.len() {
         let b = bytes[i];
-        match b {
+        let (value, escaped) = if b == b'%' {
+            let hex = bytes
+                .get(i + 1..i + 3)
+                .ok_or(PathError::BadPercentEncoding)?;
+            let value = (hex_value(hex[0]).ok_or(PathError::BadPercentEncoding)? << 4)
+                | hex_value(hex[1]).ok_or(PathError::BadPercentEncoding)?;
+            i += 3;
+            (value, true)
+        } else {
+            i += 1;
+            (b, false)
+        };
+        match value {
             0 => return Err(PathError::Nul),
-            b'\\' => return Err(PathError::Backslash),
             0x01..=0x1f | 0x7f => return Err(PathError::ControlCharacter),
-            b'%' => {
-                let hex = bytes
-                    .get(i + 1..i + 3)
-                    .ok_or(PathError::BadPercentEncoding)?;
-                let value = (hex_value(hex[0]).ok_or(PathError::BadPercentEncoding)? << 4)
-                    | hex_value(hex[1]).ok_or(PathError::BadPercentEncoding)?;
-                match value {
-                    0 => return Err(PathError::Nul),
-                    b'/' | b'\\' => return Err(PathError::EncodedSlash),
-                    v if v.is_ascii_alphanumeric() || matches!(v, b'-' | b'.' | b'_' | b'~') => {
-                        out.push(v as char);
-                    }
-                    v => {
-                        // Reserved or non-ASCII: keep it escaped, in one spelling (upper-case hex).
-                        out.push('%');
-                        out.push(char::from(HEX_UPPER[(v >> 4) as usize]));
-                        out.push(char::from(HEX_UPPER[(v & 0xf) as usize]));
-                    }
-                }
-                i += 3;
-                continue;
-            }
-            _ => {}
+            b'\\' if !escaped => return Err(PathError::Backslash),
+            b'/' | b'\\' if escaped => return Err(PathError::EncodedSlash),
+            b'%' => return Err(PathError::EncodedPercent),
+            b'?' | b'#' => return Err(PathError::EncodedDelimiter),
+            v => out.push(v),
         }
-        // Copy the rest of this run of ordinary bytes at once (keeps UTF-8 intact).
-        let run_end = bytes[i..]
-            .iter()
-            .position(|&c| matches!(c, b'%' | b'\\' | 0..=0x1f | 0x7f))
-            .map_or(bytes.len(), |p| i + p);
-        out.push_str(&path[i..run_end]);
-        i = run_end;
     }
-    Ok(out)
+    String::from_utf8(out).map_err(|_| PathError::NotUtf8)
 }
-
-const HEX_UPPER: &[u8; 16] = b"0123456789ABCDEF";
 
 fn hex_value(c: u8) -> Option<u8> {
     match c {
@@ -141,17 +148,30 @@ fn hex_value(c: u8) -> Option<u8> {
 fn resolve_segments(path: &str) -> Result<String, PathError> {
     let mut segments: Vec<&str> = Vec::new();
     let mut trailing_slash = false;
+    // Whether an empty segment came since the last named one (`.` segments in between
+    // count as nothing): a `..` there reads two ways.
+    let mut after_empty = false;
     for segment in path.split('/').skip(1) {
-        trailing_slash = false;
+        if segment.contains(';') {
+            return Err(PathError::SegmentParameter);
+        }
+        trailing_slash = true;
         match segment {
-            "" | "." => trailing_slash = true,
+            "" => after_empty = true,
+            "." => {}
             ".." => {
+                if after_empty {
+                    return Err(PathError::DotsAfterEmptySegment);
+                }
                 if segments.pop().is_none() {
                     return Err(PathError::AboveRoot);
                 }
-                trailing_slash = true;
             }
-            s => segments.push(s),
+            s => {
+                segments.push(s);
+                trailing_slash = false;
+                after_empty = false;
+            }
         }
     }
     let mut out = String::with_capacity(path.len());
@@ -166,13 +186,16 @@ fn resolve_segments(path: &str) -> Result<String, PathError> {
 }
 
 /// A set of HTTP methods as a bit mask; methods outside the known list never match a
-/// route that names its methods.
+/// route that names its methods. A set with GET also admits HEAD, since frameworks answer
+/// HEAD with the GET handler.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Methods(u16);
 
 const METHOD_NAMES: [&str; 9] = [
     "GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "CONNECT", "TRACE",
 ];
+const GET: u16 = 1;
+const HEAD: u16 = 1 << 1;
 
 impl Methods {
     pub const ANY: Methods = Methods(u16::MAX);
@@ -187,12 +210,21 @@ impl Methods {
         Ok(Methods(bits))
     }
 
+    /// The methods the set takes: its own, and HEAD when it has GET.
+    fn admitted(self) -> u16 {
+        if self.0 & GET != 0 {
+            self.0 | HEAD
+        } else {
+            self.0
+        }
+    }
+
     pub fn contains(self, method: &str) -> bool {
-        self == Methods::ANY || method_bit(method).is_some_and(|bit| self.0 & bit != 0)
+        self == Methods::ANY || method_bit(method).is_some_and(|bit| self.admitted() & bit != 0)
     }
 
     pub fn overlaps(self, other: Methods) -> bool {
-        self.0 & other.0 != 0
+        self.admitted() & other.admitted() != 0
     }
 
     pub fn names(self) -> Vec<&'static str> {
@@ -267,6 +299,9 @@ pub struct Route {
 pub struct Conflict {
     pub first: usize,
     pub second: usize,
+    /// The path both claim when one of them claims it only through the trailing slash
+    /// that a token-requiring `path: /x` also matches (`/x/`).
+    pub via_trailing_slash: Option<Box<str>>,
 }
 
 /// Pattern → indices of the routes that claim it (one per disjoint method set).
@@ -283,25 +318,29 @@ pub struct RouteTable {
 }
 
 impl RouteTable {
-    /// Builds the table; two routes claiming the same pattern for a common method conflict.
+    /// Builds the table; two routes claiming the same pattern for a common method conflict,
+    /// and so does a `path: /x/` with a token-requiring `path: /x` (which also matches `/x/`).
     pub fn new(routes: Vec<Route>) -> Result<RouteTable, Conflict> {
         let mut exact: RouteIndex = HashMap::new();
         let mut prefixes = PrefixTree::default();
+        // Token-requiring exact paths also claim their trailing-slash spelling; those
+        // claims go in after the written ones, so that a conflict names the written route.
+        let mut widened = Vec::new();
         for (index, route) in routes.iter().enumerate() {
             let slot = match &route.pattern {
-                Pattern::Exact(p) => exact.entry(p.as_str().into()).or_default(),
+                Pattern::Exact(p) => {
+                    if !matches!(route.access, Access::Public) && !p.ends_with('/') {
+                        widened.push((format!("{p}/").into_boxed_str(), index));
+                    }
+                    exact.entry(p.as_str().into()).or_default()
+                }
                 Pattern::Prefix(p) => prefixes.slot(p.as_bytes()),
             };
-            if let Some(&first) = slot
-                .iter()
-                .find(|&&other| routes[other].methods.overlaps(route.methods))
-            {
-                return Err(Conflict {
-                    first,
-                    second: index,
-                });
-            }
-            slot.push(index);
+            claim(&routes, slot, index, None)?;
+        }
+        for (path, index) in widened {
+            let slot = exact.entry(path.clone()).or_default();
+            claim(&routes, slot, index, Some(path))?;
         }
         Ok(RouteTable {
             routes,
@@ -310,24 +349,29 @@ impl RouteTable {
         })
     }
 
-    /// The route for a normalized path and a method.
+    /// The route for a canonical path and a method: the most specific pattern that matches
+    /// the path decides, and `None` when none matches or none of its routes takes the method.
     pub fn find(&self, path: &str, method: &str) -> Option<&Route> {
-        let pick = |ids: &[usize]| {
-            ids.iter()
-                .map(|&i| &self.routes[i])
-                .find(|r| r.methods.contains(method))
-        };
-        if let Some(route) = self.exact.get(path).and_then(|ids| pick(ids)) {
-            return Some(route);
+        self.candidates(path)
+            .iter()
+            .map(|&i| &self.routes[i])
+            .find(|r| r.methods.contains(method))
+    }
+
+    /// The routes of the most specific pattern that matches a canonical path, whatever
+    /// their methods (for messages that say why no route took a request).
+    pub fn routes_of_pattern(&self, path: &str) -> impl Iterator<Item = &Route> {
+        self.candidates(path).iter().map(|&i| &self.routes[i])
+    }
+
+    fn candidates(&self, path: &str) -> &[usize] {
+        match self.exact.get(path) {
+            Some(ids) => ids,
+            None => self
+                .prefixes
+                .longest_prefix_of(path.as_bytes())
+                .unwrap_or_default(),
         }
-        // Prefixes of the path come shortest first; the last one that takes the method wins.
-        let mut longest = None;
-        self.prefixes.each_prefix_of(path.as_bytes(), |ids| {
-            if let Some(route) = pick(ids) {
-                longest = Some(route);
-            }
-        });
-        longest
     }
 
     /// The route for a request target as it arrives (normalized first, as `decide`
@@ -339,6 +383,26 @@ impl RouteTable {
     pub fn routes(&self) -> &[Route] {
         &self.routes
     }
+}
+
+fn claim(
+    routes: &[Route],
+    slot: &mut Vec<usize>,
+    index: usize,
+    via_trailing_slash: Option<Box<str>>,
+) -> Result<(), Conflict> {
+    if let Some(&first) = slot
+        .iter()
+        .find(|&&other| routes[other].methods.overlaps(routes[index].methods))
+    {
+        return Err(Conflict {
+            first,
+            second: index,
+            via_trailing_slash,
+        });
+    }
+    slot.push(index);
+    Ok(())
 }
 
 /// A radix tree of byte strings: each edge is labelled with the bytes it consumes, and a
@@ -420,20 +484,21 @@ impl PrefixTree {
         &mut self.nodes[node].routes
     }
 
-    /// Calls `f` with the routes of every prefix of `path` that has some, shortest first.
-    fn each_prefix_of(&self, path: &[u8], mut f: impl FnMut(&[usize])) {
+    /// The routes of the longest prefix of `path` that has some.
+    fn longest_prefix_of(&self, path: &[u8]) -> Option<&[usize]> {
         let mut node = 0;
         let mut rest = path;
+        let mut longest = None;
         loop {
             let routes = &self.nodes[node].routes;
             if !routes.is_empty() {
-                f(routes);
+                longest = Some(routes.as_slice());
             }
             let Some(child) = rest.first().and_then(|&b| self.child(node, b)) else {
-                return;
+                return longest;
             };
             let Some(after) = rest.strip_prefix(&*self.nodes[child].label) else {
-                return;
+                return longest;
             };
             node = child;
             rest = after;
@@ -442,210 +507,6 @@ impl PrefixTree {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn norm(p: &str) -> Result<String, PathError> {
-        normalize_path(p).map(|c| c.into_owned())
-    }
-
-    #[test]
-    fn plain_paths_are_borrowed_and_lose_their_query() {
-        assert!(matches!(
-            normalize_path("/ai/v2/code/completions"),
-            Ok(Cow::Borrowed(_))
-        ));
-        assert_eq!(norm("/ai/v1/x?next=/../y#frag").unwrap(), "/ai/v1/x");
-        assert_eq!(norm("/a.b/.c/..d").unwrap(), "/a.b/.c/..d");
-    }
-
-    #[test]
-    fn dot_segments_and_repeated_slashes_are_resolved() {
-        assert_eq!(
-            norm("/ai/monitoring/../v2/code/x").unwrap(),
-            "/ai/v2/code/x"
-        );
-        assert_eq!(norm("/ai/./v2//code/").unwrap(), "/ai/v2/code/");
-        assert_eq!(
-            norm("/ai/monitoring/%2e%2e/v2/code/x").unwrap(),
-            "/ai/v2/code/x"
-        );
-        assert_eq!(norm("/ai/monitoring/%2E./v2").unwrap(), "/ai/v2");
-        assert_eq!(norm("/ai/x/..").unwrap(), "/ai/");
-        assert_eq!(norm("//").unwrap(), "/");
-        // Merged before resolved: the empty segment is not a directory to climb out of.
-        assert_eq!(norm("/ai/monitoring//../v2/code").unwrap(), "/ai/v2/code");
-    }
-
-    #[test]
-    fn unreserved_escapes_are_decoded_others_kept_in_one_spelling() {
-        assert_eq!(norm("/ai/%76%32/code").unwrap(), "/ai/v2/code");
-        assert_eq!(norm("/ai/a%2cb%3f").unwrap(), "/ai/a%2Cb%3F");
-        assert_eq!(norm("/caf%C3%A9/é").unwrap(), "/caf%C3%A9/é");
-    }
-
-    #[test]
-    fn dangerous_paths_are_refused() {
-        assert_eq!(norm("ai/v2"), Err(PathError::NotAbsolute));
-        assert_eq!(norm("*"), Err(PathError::NotAbsolute));
-        assert_eq!(norm("/ai%2fv2"), Err(PathError::EncodedSlash));
-        assert_eq!(norm("/ai%2Fv2"), Err(PathError::EncodedSlash));
-        assert_eq!(norm("/ai%5cv2"), Err(PathError::EncodedSlash));
-        assert_eq!(norm("/ai\\v2"), Err(PathError::Backslash));
-        assert_eq!(norm("/ai%00"), Err(PathError::Nul));
-        assert_eq!(norm("/ai\0"), Err(PathError::Nul));
-        assert_eq!(norm("/ai\n"), Err(PathError::ControlCharacter));
-        assert_eq!(norm("/ai%zz"), Err(PathError::BadPercentEncoding));
-        assert_eq!(norm("/ai%2"), Err(PathError::BadPercentEncoding));
-        assert_eq!(norm("/../etc"), Err(PathError::AboveRoot));
-        assert_eq!(norm("/a/%2e%2e/%2e%2e/b"), Err(PathError::AboveRoot));
-    }
-
-    fn route(pattern: Pattern, methods: Methods, backend: usize) -> Route {
-        Route {
-            pattern,
-            methods,
-            access: Access::Public,
-            backend,
-            line: 0,
-            deprecated: Vec::new(),
-        }
-    }
-
-    fn table() -> RouteTable {
-        RouteTable::new(vec![
-            route(Pattern::Prefix("/ai/".into()), Methods::ANY, 0),
-            route(Pattern::Prefix("/ai/v2/code/".into()), Methods::ANY, 1),
-            route(
-                Pattern::Exact("/ai/v2/code/special".into()),
-                Methods::parse(["POST"]).unwrap(),
-                2,
-            ),
-            route(
-                Pattern::Prefix("/ai/monitoring/".into()),
-                Methods::parse(["get", "HEAD"]).unwrap(),
-                3,
-            ),
-        ])
-        .unwrap()
-    }
-
-    #[test]
-    fn exact_beats_longest_prefix_beats_shorter_prefix() {
-        let t = table();
-        assert_eq!(t.find("/ai/v2/code/special", "POST").unwrap().backend, 2);
-        assert_eq!(t.find("/ai/v2/code/other", "POST").unwrap().backend, 1);
-        assert_eq!(t.find("/ai/v1/chat", "POST").unwrap().backend, 0);
-        assert!(t.find("/observability/x", "GET").is_none());
-        assert!(t.find("/ai", "GET").is_none());
-    }
-
-    #[test]
-    fn a_method_mismatch_falls_through_to_the_next_candidate() {
-        let t = table();
-        // The exact route is POST only: a GET goes to the longest prefix.
-        assert_eq!(t.find("/ai/v2/code/special", "GET").unwrap().backend, 1);
-        assert_eq!(t.find("/ai/monitoring/health", "GET").unwrap().backend, 3);
-        assert_eq!(t.find("/ai/monitoring/health", "POST").unwrap().backend, 0);
-        assert_eq!(
-            t.find("/ai/monitoring/health", "PROPFIND").unwrap().backend,
-            0
-        );
-    }
-
-    #[test]
-    fn the_same_pattern_twice_conflicts_only_when_methods_overlap() {
-        let get = Methods::parse(["GET"]).unwrap();
-        let post = Methods::parse(["POST"]).unwrap();
-        assert!(
-            RouteTable::new(vec![
-                route(Pattern::Exact("/a".into()), get, 0),
-                route(Pattern::Exact("/a".into()), post, 0),
-                route(Pattern::Prefix("/a".into()), Methods::ANY, 0),
-            ])
-            .is_ok()
-        );
-        let err = RouteTable::new(vec![
-            route(Pattern::Prefix("/a/".into()), get, 0),
-            route(Pattern::Prefix("/b/".into()), get, 0),
-            route(Pattern::Prefix("/a/".into()), Methods::ANY, 1),
-        ])
-        .unwrap_err();
-        assert_eq!(
-            err,
-            Conflict {
-                first: 0,
-                second: 2
-            }
-        );
-    }
-
-    #[test]
-    fn methods_parse_and_report_unknown_names() {
-        assert_eq!(
-            Methods::parse(["get", "Post"]).unwrap().names(),
-            vec!["GET", "POST"]
-        );
-        assert_eq!(Methods::parse(["FETCH"]).unwrap_err(), "FETCH");
-        assert!(Methods::ANY.contains("PROPFIND"));
-    }
-
-    /// The radix tree against the definition: among the routes whose prefix starts the
-    /// path and that take the method, the longest prefix wins.
-    #[test]
-    fn longest_prefix_agrees_with_a_scan_of_every_route() {
-        let words = ["", "a", "ab", "abc", "b", "ba", "/", "x/", "é", "a/b"];
-        let get = Methods::parse(["GET"]).unwrap();
-        let post = Methods::parse(["POST"]).unwrap();
-        let mut routes = Vec::new();
-        for (i, w1) in words.iter().enumerate() {
-            for (j, w2) in words.iter().enumerate() {
-                let methods = if (i + j) % 3 == 0 { get } else { Methods::ANY };
-                routes.push(route(Pattern::Prefix(format!("/{w1}{w2}")), methods, 0));
-            }
-        }
-        // The same prefix twice would conflict: keep the first, then give some GET-only
-        // prefixes a second, POST-only route.
-        let mut seen = std::collections::HashSet::new();
-        routes.retain(|r| seen.insert(r.pattern.as_str().to_string()));
-        let posts: Vec<Route> = routes
-            .iter()
-            .filter(|r| r.methods == get)
-            .step_by(2)
-            .map(|r| route(r.pattern.clone(), post, 1))
-            .collect();
-        assert!(!posts.is_empty());
-        routes.extend(posts);
-        let t = RouteTable::new(routes.clone()).unwrap();
-        let mut checked = 0;
-        for w1 in words {
-            for w2 in words {
-                for w3 in ["", "c", "/d", "é/"] {
-                    let path = format!("/{w1}{w2}{w3}");
-                    for method in ["GET", "POST"] {
-                        let expected = routes
-                            .iter()
-                            .filter(|r| path.starts_with(r.pattern.as_str()))
-                            .filter(|r| r.methods.contains(method))
-                            .max_by_key(|r| r.pattern.as_str().len())
-                            .map(|r| (r.pattern.clone(), r.methods));
-                        let found = t
-                            .find(&path, method)
-                            .map(|r| (r.pattern.clone(), r.methods));
-                        assert_eq!(found, expected, "{method} {path}");
-                        checked += 1;
-                    }
-                }
-            }
-        }
-        assert_eq!(checked, 800);
-    }
-
-    #[test]
-    fn prefix_lookup_respects_utf8_boundaries() {
-        let t =
-            RouteTable::new(vec![route(Pattern::Prefix("/ab".into()), Methods::ANY, 0)]).unwrap();
-        assert!(t.find("/é", "GET").is_none());
-        assert!(t.find("/abc", "GET").is_some());
-    }
-}
+mod spellings;
+#[cfg(test)]
+mod tests;

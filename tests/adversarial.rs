@@ -138,6 +138,18 @@ impl Table<'_> {
         extra: &[(&str, &[u8])],
         want: &'static str,
     ) {
+        self.method_request_with(name, "POST", path, authorization, extra, want);
+    }
+
+    fn method_request_with(
+        &mut self,
+        name: &str,
+        method: &str,
+        path: &str,
+        authorization: Option<&[u8]>,
+        extra: &[(&str, &[u8])],
+        want: &'static str,
+    ) {
         let mut headers: Vec<(&str, Vec<u8>)> = Vec::new();
         if let Some(value) = authorization {
             headers.push(("authorization", value.to_vec()));
@@ -152,7 +164,7 @@ impl Table<'_> {
                 headers.push((k, v.to_vec()));
             }
         }
-        self.add(name, "POST", path, headers, want);
+        self.add(name, method, path, headers, want);
     }
 
     fn auth(&mut self, name: &str, authorization: impl AsRef<[u8]>, want: &'static str) {
@@ -259,11 +271,12 @@ fn cases(keys: &Keys, now: u64) -> Vec<Case> {
         "allow",
     );
     t.add(
-        "control_double_encoded_dots_stay_public",
+        // An escaped '%': a backend that decodes twice would climb out of the public prefix.
+        "path_double_encoded_dots",
         "GET",
         "/ai/monitoring/%252e%252e/v2/code/completions",
         vec![],
-        "allow",
+        "bad_path",
     );
     t.auth(
         "control_bearer_lowercase",
@@ -701,12 +714,12 @@ fn cases(keys: &Keys, now: u64) -> Vec<Case> {
         (
             "scopes_trailing_space",
             json!(["complete_code "]),
-            "insufficient_scope",
+            "malformed_token",
         ),
         (
             "scopes_leading_tab",
             json!(["\tcomplete_code"]),
-            "insufficient_scope",
+            "malformed_token",
         ),
         (
             "scopes_zero_width_space",
@@ -726,12 +739,12 @@ fn cases(keys: &Keys, now: u64) -> Vec<Case> {
         (
             "scopes_with_nul",
             json!(["complete_code\u{0}"]),
-            "insufficient_scope",
+            "malformed_token",
         ),
         (
             "scopes_space_joined",
             json!(["complete_code duo_chat"]),
-            "insufficient_scope",
+            "malformed_token",
         ),
         ("scopes_empty", json!([]), "insufficient_scope"),
     ] {
@@ -1159,6 +1172,117 @@ fn cases(keys: &Keys, now: u64) -> Vec<Case> {
         ("path_unknown", "/ai/v3/anything", "no_route"),
     ] {
         t.add(name, "POST", path, std_headers_plus(&[]), want);
+    }
+
+    // One canonical path: with `path: /ai/v1/models/m:generate` (duo_chat) under
+    // `prefix: /ai/v1/` (complete_code), no spelling of the protected path reaches the
+    // broader route with a complete_code token, and HEAD does not dodge a GET-only route.
+    let code_only = format!(
+        "Bearer {}",
+        t.keys
+            .a
+            .sign(&t.claims_with(json!({"scopes": ["complete_code"]})))
+    );
+    let code_only = code_only.as_bytes();
+    for (name, method, path, want) in [
+        (
+            "control_path_broader_route",
+            "POST",
+            "/ai/v1/models/other",
+            "allow",
+        ),
+        (
+            "path_protected_plain",
+            "POST",
+            "/ai/v1/models/m:generate",
+            "insufficient_scope",
+        ),
+        (
+            "path_protected_escaped_colon",
+            "POST",
+            "/ai/v1/models/m%3Agenerate",
+            "insufficient_scope",
+        ),
+        (
+            "path_protected_escaped_colon_lower",
+            "POST",
+            "/ai/v1/models/m%3agenerate",
+            "insufficient_scope",
+        ),
+        (
+            "path_protected_escaped_letter",
+            "POST",
+            "/ai/v1/models/%6d:generate",
+            "insufficient_scope",
+        ),
+        (
+            "path_protected_trailing_slash",
+            "POST",
+            "/ai/v1/models/m:generate/",
+            "insufficient_scope",
+        ),
+        (
+            "path_protected_trailing_dot",
+            "POST",
+            "/ai/v1/models/m:generate/.",
+            "insufficient_scope",
+        ),
+        (
+            "path_protected_dot_dot",
+            "POST",
+            "/ai/v1/models/x/../m:generate",
+            "insufficient_scope",
+        ),
+        (
+            "path_protected_parameter",
+            "POST",
+            "/ai/v1/models/m:generate;x=1",
+            "bad_path",
+        ),
+        (
+            "path_protected_parameter_escaped",
+            "POST",
+            "/ai/v1/models/m:generate%3Bx=1",
+            "bad_path",
+        ),
+        (
+            "path_protected_double_escape",
+            "POST",
+            "/ai/v1/models/m%253Agenerate",
+            "bad_path",
+        ),
+        (
+            "path_protected_overlong_dot",
+            "POST",
+            "/ai/v1/models/x/%c0%ae%c0%ae/m:generate",
+            "bad_path",
+        ),
+        (
+            "path_protected_head_for_get",
+            "HEAD",
+            "/ai/v2/settings",
+            "insufficient_scope",
+        ),
+        (
+            "path_protected_other_method",
+            "POST",
+            "/ai/v2/settings",
+            "no_route",
+        ),
+        (
+            "path_dots_after_empty_segment",
+            "GET",
+            "/ai/v2/x//../../monitoring/y",
+            "bad_path",
+        ),
+        (
+            "path_servlet_parameter_dots",
+            "GET",
+            "/ai/monitoring/..;/v2/settings",
+            "bad_path",
+        ),
+    ] {
+        t.method_request_with(name, method, path, Some(code_only), &[], want);
     }
 
     t.cases

@@ -276,6 +276,15 @@ backends:
         public: true
       - prefix: /monitoring/
         require: [code_suggestions]
+      - path: /ai/v1/models/m:generate
+        require: [duo_chat]
+      - prefix: /ai/v1/
+        require: [code_suggestions]
+      - path: /ai/v2/settings
+        methods: [GET]
+        require: [duo_chat]
+      - prefix: /ai/v2/
+        require: [code_suggestions]
 "
     )
 }
@@ -781,6 +790,90 @@ async fn connector_authz_down_gives_503_and_envoy_recovers_when_it_is_back() {
 /// `tests/e2e/validate_manifests.sh`: the Envoy templates (`envoy --mode validate`), the
 /// Kubernetes manifests (`kubernetes-validate --strict`), the Istio resources, the Dockerfile
 /// and `connector-authz check-config` on the ConfigMap, all without a cluster.
+/// The review's spellings of a protected path, through the real Envoy (whose
+/// `normalize_path` and `merge_slashes` run first) and connector-authz. With
+/// `path: /ai/v1/models/m:generate` (duo_chat) under `prefix: /ai/v1/` (code_suggestions),
+/// a code_suggestions-only token never reaches the broader route.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_spelling_of_a_protected_path_reaches_a_broader_route() {
+    let Some(envoy) = envoy_or_skip("no_spelling_of_a_protected_path_reaches_a_broader_route")
+    else {
+        return;
+    };
+    let stack = Stack::start(&envoy).await;
+    let token = token(&stack.issuer, &["code_suggestions"]);
+    let bearer = format!("Bearer {token}");
+    let mut with_token = vec![("authorization", bearer.as_str())];
+    with_token.extend(INSTANCE_HEADERS);
+
+    // The broader route itself allows this token.
+    let reply = stack
+        .request(Method::POST, "/ai/v1/models/other", &with_token)
+        .await;
+    assert_eq!(reply.status, 200, "{reply:?}");
+
+    for path in [
+        "/ai/v1/models/m:generate",
+        // Envoy keeps %3A (a reserved character); connector-authz decodes it.
+        "/ai/v1/models/m%3Agenerate",
+        "/ai/v1/models/m%3agenerate",
+        // A token-requiring exact path also matches its trailing slash.
+        "/ai/v1/models/m:generate/",
+        // Envoy resolves "/." to "/": the trailing-slash spelling again.
+        "/ai/v1/models/m:generate/.",
+        "/ai/v1/models/x/../m:generate",
+    ] {
+        let reply = stack.request(Method::POST, path, &with_token).await;
+        assert_denied(
+            &reply,
+            403,
+            "insufficient_scope",
+            Some("insufficient_scope"),
+            Some(&token),
+        );
+    }
+    // Envoy passes ";x=1" through; connector-authz refuses the segment parameter.
+    let reply = stack
+        .request(Method::POST, "/ai/v1/models/m:generate;x=1", &with_token)
+        .await;
+    assert_eq!(reply.status, 400, "{reply:?}");
+    assert_eq!(reply.json()["error"], "bad_path", "{reply:?}");
+    // Envoy's normalize_path itself reads "..;" as "..", as a servlet container does: the
+    // request is decided by the protected GET-only /ai/v2/settings, never the public prefix.
+    let reply = stack
+        .request(Method::GET, "/ai/monitoring/..;/v2/settings", &with_token)
+        .await;
+    assert_denied(
+        &reply,
+        403,
+        "insufficient_scope",
+        Some("insufficient_scope"),
+        Some(&token),
+    );
+    // HEAD is decided by the GET-only protected route, not the broader prefix (a HEAD
+    // answer has no body, so only the status is compared).
+    let reply = stack
+        .request(Method::HEAD, "/ai/v2/settings", &with_token)
+        .await;
+    assert_eq!(reply.status, 403, "{reply:?}");
+    let reply = stack
+        .request(Method::POST, "/ai/v2/settings", &with_token)
+        .await;
+    assert_denied(&reply, 403, "no_route", None, Some(&token));
+    // Envoy resolves dot segments before it merges slashes, so `x//../..` only climbs out
+    // of `x`: connector-authz is asked about /ai/v2/monitoring/y (a code_suggestions
+    // route), never the public /ai/monitoring/y.
+    let reply = stack
+        .request(Method::GET, "/ai/v2/x//../../monitoring/y", &with_token)
+        .await;
+    let echo = reply.echoed();
+    assert_eq!(echo["path"], "/v2/monitoring/y", "{echo}");
+    let reply = stack
+        .request(Method::GET, "/ai/v2/x//../../monitoring/y", &[])
+        .await;
+    assert_denied(&reply, 401, "missing_token", None, None);
+}
+
 #[test]
 fn envoy_kubernetes_and_istio_manifests_validate() {
     if venv_python().is_none() {

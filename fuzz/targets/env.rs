@@ -186,6 +186,15 @@ backends:
         require: [duo_chat]
       - prefix: /ai/v1/proxy/
         unit_primitive_header: x-gitlab-unit-primitive
+      - path: /ai/v1/models/m:generate
+        require: [duo_chat]
+      - prefix: /ai/v1/
+        require: [complete_code]
+      - path: /ai/v2/settings
+        methods: [GET]
+        require: [duo_chat]
+      - prefix: /ai/v2/
+        require: [complete_code]
       - prefix: {PUBLIC_PREFIX}
         public: true
 ",

@@ -83,8 +83,16 @@ pub enum KeysFrom {
 pub struct KeySettings {
     pub refresh_interval: Duration,
     pub min_refresh_interval: Duration,
+    /// How long a request with an unknown `kid` waits for that issuer's refresh.
+    pub unknown_kid_wait: Duration,
     pub fetch_timeout: Duration,
     pub cache_dir: Option<PathBuf>,
+}
+
+impl KeySettings {
+    /// Below the 1 s ext_authz timeout of the shipped Envoy configs, so that a request
+    /// that waits for a refresh in vain is still answered (401) rather than timed out (503).
+    pub const DEFAULT_UNKNOWN_KID_WAIT: Duration = Duration::from_millis(800);
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -362,6 +370,11 @@ impl Compiler<'_> {
                 Duration::from_secs(30),
                 "keys.min_refresh_interval",
             )?,
+            unknown_kid_wait: self.duration(
+                k.unknown_kid_wait.as_ref(),
+                KeySettings::DEFAULT_UNKNOWN_KID_WAIT,
+                "keys.unknown_kid_wait",
+            )?,
             fetch_timeout: self.duration(
                 k.fetch_timeout.as_ref(),
                 Duration::from_secs(5),
@@ -374,6 +387,18 @@ impl Compiler<'_> {
             return Err(self.err(
                 line_of(&k.refresh_interval),
                 "keys.refresh_interval must be at least 1s",
+            ));
+        }
+        if settings.min_refresh_interval < Duration::from_secs(1) {
+            return Err(self.err(
+                line_of(&k.min_refresh_interval),
+                "keys.min_refresh_interval must be at least 1s: it is all that keeps tokens with made-up key ids from making us fetch keys on every request",
+            ));
+        }
+        if settings.unknown_kid_wait.is_zero() || settings.unknown_kid_wait > MAX_FETCH_TIMEOUT {
+            return Err(self.err(
+                line_of(&k.unknown_kid_wait),
+                "keys.unknown_kid_wait must be between 1ms and 60s; keep it below Envoy's ext_authz timeout (1s in the shipped configs)",
             ));
         }
         if settings.min_refresh_interval > settings.refresh_interval {
@@ -549,10 +574,14 @@ impl Compiler<'_> {
         }
         let table = RouteTable::new(routes).map_err(|conflict| {
             let first = &raw_route_pattern(&raw.value, conflict.first);
-            self.err(
-                route_lines[conflict.second],
-                format!("{first} is claimed twice for the same methods (first at line {}); merge the two routes or split them by methods", route_lines[conflict.first]),
-            )
+            let line = route_lines[conflict.second];
+            match &conflict.via_trailing_slash {
+                None => self.err(line, format!("{first} is claimed twice for the same methods (first at line {}); merge the two routes or split them by methods", route_lines[conflict.first])),
+                Some(slashed) => {
+                    let second = raw_route_pattern(&raw.value, conflict.second);
+                    self.err(line, format!("{second} needs a token, so it also matches {slashed:?}, which {first} (line {}) claims for the same methods; drop one of them or split them by methods", route_lines[conflict.first]))
+                }
+            }
         })?;
         Ok((backends, table))
     }
@@ -649,11 +678,17 @@ impl Compiler<'_> {
 
     fn route_path(&self, p: &Spanned<String>, key: &str) -> Result<String, ConfigError> {
         let value = p.value.as_str();
+        if value.contains(['?', '#']) {
+            return Err(self.err(
+                p.line(),
+                format!("{key} {value:?} contains '?' or '#'; routes match the path without its query, so drop them"),
+            ));
+        }
         match normalize_path(value) {
-            Ok(n) if n == value && !value.contains(['?', '#']) => Ok(value.to_string()),
+            Ok(n) if n == value => Ok(value.to_string()),
             Ok(n) => Err(self.err(
                 p.line(),
-                format!("{key} {value:?} is not in normal form; write it as {n:?}"),
+                format!("{key} {value:?} is not in canonical form (route patterns are matched against decoded, resolved paths and have no '%'); write it as {n:?}"),
             )),
             Err(e) => Err(self.err(
                 p.line(),

@@ -68,6 +68,7 @@ pub struct RawIssuer {
 pub struct RawKeys {
     pub refresh_interval: Option<Spanned<String>>,
     pub min_refresh_interval: Option<Spanned<String>>,
+    pub unknown_kid_wait: Option<Spanned<String>>,
     pub fetch_timeout: Option<Spanned<String>>,
     pub cache_dir: Option<Spanned<PathBuf>>,
 }

@@ -147,6 +147,59 @@ fn bad_values_name_their_line_and_the_fix() {
         &base.replace("min_refresh_interval: 30s", "min_refresh_interval: 48h"),
         14,
     );
+    // Below 1 s the unknown-kid refresh is no longer rate-limited in any useful way.
+    for short in ["0s", "500ms"] {
+        let msg = error_at(
+            &base.replace(
+                "min_refresh_interval: 30s",
+                &format!("min_refresh_interval: {short}"),
+            ),
+            14,
+        );
+        assert!(msg.contains("at least 1s"), "{msg}");
+    }
+    let msg = error_at(
+        &base.replace(
+            "min_refresh_interval: 30s",
+            "min_refresh_interval: 30s\n  unknown_kid_wait: 0s",
+        ),
+        15,
+    );
+    assert!(msg.contains("unknown_kid_wait"), "{msg}");
+}
+
+#[test]
+fn unknown_kid_wait_defaults_below_envoys_timeout() {
+    let c = Config::from_yaml("issuers: [{url: https://issuer.test}]\nbackends: [{name: b, audience: a, routes: [{prefix: /, public: true}]}]\n", Path::new("t.yaml")).unwrap();
+    assert_eq!(c.keys.unknown_kid_wait, Duration::from_millis(800));
+    let c = Config::from_yaml(
+        "issuers: [{url: https://issuer.test}]\nbackends: [{name: b, audience: a, routes: [{prefix: /, public: true}]}]\nkeys:\n  unknown_kid_wait: 250ms\n",
+        Path::new("t.yaml"),
+    )
+    .unwrap();
+    assert_eq!(c.keys.unknown_kid_wait, Duration::from_millis(250));
+}
+
+#[test]
+fn route_patterns_must_be_canonical() {
+    let yaml = |pattern: &str| {
+        format!(
+            "issuers: [{{url: https://issuer.test}}]\nbackends:\n  - name: b\n    audience: a\n    routes:\n      - {pattern}\n        require: [x]\n"
+        )
+    };
+    for (pattern, says) in [
+        ("path: /ai/m%3Agenerate", "write it as \"/ai/m:generate\""),
+        ("prefix: /%2e%2e/x/", "above the root"),
+        ("path: /ai/x;y", "';'"),
+        ("prefix: /ai//x/", "write it as \"/ai/x/\""),
+        ("path: /ai/x?y", "query"),
+    ] {
+        let msg = error_at(&yaml(pattern), 6);
+        assert!(msg.contains(says), "{pattern}: {msg}");
+    }
+    let conflict = "issuers: [{url: https://issuer.test}]\nbackends:\n  - name: b\n    audience: a\n    routes:\n      - path: /x/\n        public: true\n      - path: /x\n        require: [y]\n";
+    let msg = error_at(conflict, 8);
+    assert!(msg.contains("also matches \"/x/\""), "{msg}");
 }
 
 #[test]

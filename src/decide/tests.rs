@@ -376,6 +376,32 @@ fn an_allow_carries_the_identity_and_a_deny_its_backend() {
     assert_eq!(denied.backend.as_deref(), Some("ai_gateway"));
 }
 
+/// Claims copied into upstream headers must be header-safe: a control character in
+/// `sub` or a scope, or a space in a scope (scopes are joined with spaces), is a
+/// malformed token, not an allow with a header Envoy rejects or that reads two ways.
+#[test]
+fn sub_and_scopes_that_cannot_be_headers_are_malformed() {
+    for changes in [
+        json!({"sub": "inst\nance"}),
+        json!({"sub": "instance\u{7f}"}),
+        json!({"scopes": ["complete_code", "duo_chat\r"]}),
+        json!({"scopes": ["complete_code", "duo_chat complete_code"]}),
+        json!({"scopes": ["complete_code", "x\u{85}"]}),
+    ] {
+        let token = key(1).sign(&change(claims(), changes.clone()));
+        assert_eq!(
+            reason(&decide_with(CODE, Some(&token), &[])),
+            "malformed_token",
+            "{changes}"
+        );
+    }
+    let fine = key(1).sign(&change(
+        claims(),
+        json!({"scopes": ["complete_code", "é-ü"]}),
+    ));
+    assert!(decide_with(CODE, Some(&fine), &[]).is_allow());
+}
+
 #[test]
 fn an_unknown_kid_asks_for_a_refresh_of_that_issuer_only() {
     let other = DevKey::from_pkcs8_pem(

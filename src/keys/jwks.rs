@@ -1,8 +1,9 @@
 //! Parsing a JSON Web Key Set (RFC 7517) into a [`KeySet`].
 //!
 //! This module owns the rules for which published keys we trust: only asymmetric
-//! signature keys (RSA of at least 2048 bits, EC P-256 / P-384), never symmetric keys or
-//! `none`. A key that breaks a rule is skipped with a warning rather than failing the whole
+//! signature keys (RSA of at least 2048 bits, EC P-256 / P-384, OKP Ed25519) whose `use`
+//! (when set) is `sig` and whose `key_ops` (when set) include `verify`, never symmetric keys
+//! or `none`. A key that breaks a rule is skipped with a warning rather than failing the whole
 //! set, because issuers publish keys for other purposes (encryption, other services) next to
 //! their signing keys and one odd key must not take the others down. A set that ends up
 //! with no usable key at all is an error: an empty key set would turn every token into
@@ -180,6 +181,15 @@ fn parse_key(entry: &Value) -> Result<ParsedKey, String> {
     {
         return Err(format!("\"use\" is {usage:?}, not \"sig\""));
     }
+    if let Some(ops) = object.get("key_ops") {
+        let ops = ops
+            .as_array()
+            .filter(|ops| ops.iter().all(Value::is_string))
+            .ok_or("\"key_ops\" is not an array of strings")?;
+        if !ops.iter().any(|op| op == "verify") {
+            return Err("\"key_ops\" does not include \"verify\"".into());
+        }
+    }
     let alg = match optional_str(object, "alg")? {
         None => None,
         Some(name) => Some(parse_algorithm(name).map_err(|why| format!("\"alg\": {why}"))?),
@@ -198,7 +208,7 @@ fn parse_key(entry: &Value) -> Result<ParsedKey, String> {
                 alg,
                 key,
                 fingerprint,
-                &["kty", "kid", "use", "alg", "n", "e"],
+                &["kty", "kid", "use", "key_ops", "alg", "n", "e"],
             )
         }
         "EC" => {
@@ -213,13 +223,25 @@ fn parse_key(entry: &Value) -> Result<ParsedKey, String> {
                 Some(curve_alg),
                 key,
                 fingerprint,
-                &["kty", "kid", "use", "alg", "crv", "x", "y"],
+                &["kty", "kid", "use", "key_ops", "alg", "crv", "x", "y"],
+            )
+        }
+        "OKP" => {
+            let (key, fingerprint) = ed25519_key(object)?;
+            if alg.is_some_and(|alg| alg != Algorithm::EdDSA) {
+                return Err("\"alg\" does not fit an Ed25519 key (EdDSA does)".into());
+            }
+            (
+                Some(Algorithm::EdDSA),
+                key,
+                fingerprint,
+                &["kty", "kid", "use", "key_ops", "alg", "crv", "x"],
             )
         }
         "oct" => return Err("symmetric (\"oct\") keys are never accepted".into()),
         other => {
             return Err(format!(
-                "key type {other:?} is not supported (RSA and EC are)"
+                "key type {other:?} is not supported (RSA, EC and OKP Ed25519 are)"
             ));
         }
     };
@@ -346,6 +368,24 @@ fn ec_key(object: &Map<String, Value>) -> Result<(Algorithm, DecodingKey, u64), 
     Ok((alg, DecodingKey::from_ec_der(&point), fingerprint))
 }
 
+fn ed25519_key(object: &Map<String, Value>) -> Result<(DecodingKey, u64), String> {
+    let crv = required_str(object, "crv")?;
+    if crv != "Ed25519" {
+        return Err(format!("OKP curve {crv:?} is not supported (Ed25519 is)"));
+    }
+    let x = base64url_member(object, "x")?;
+    if x.len() != 32 {
+        return Err("Ed25519 public key \"x\" must be 32 bytes".into());
+    }
+    // An invalid point would only fail at verification time; refuse it now.
+    if aws_lc_rs::signature::ParsedPublicKey::new(&aws_lc_rs::signature::ED25519, &x).is_err() {
+        return Err("Ed25519 public key \"x\" is not a valid point".into());
+    }
+    let fingerprint = fingerprint(&[b"OKP", crv.as_bytes(), &x]);
+    // jsonwebtoken's EdDSA verifier takes the raw 32-byte public key.
+    Ok((DecodingKey::from_ed_der(&x), fingerprint))
+}
+
 /// First 8 bytes of SHA-256 over the length-prefixed parts, so that a key keeps its
 /// fingerprint across refreshes, re-encodings and kid changes.
 fn fingerprint(parts: &[&[u8]]) -> u64 {
@@ -454,6 +494,7 @@ mod tests {
             with(good.clone(), json!({"kid": "none", "alg": "none"})),
             {"kty": "oct", "kid": "sym", "k": "c2VjcmV0"},
             {"kty": "OKP", "kid": "ed", "crv": "Ed25519", "x": "AAAA"},
+            with(good.clone(), json!({"kid": "enc-ops", "key_ops": ["encrypt"]})),
             with(good.clone(), json!({"kid": "bad-n", "n": "!!not base64!!"})),
             with(good.clone(), json!({"kid": "no-e", "e": null})),
             with(good.clone(), json!({"kid": "even-e", "e": "AQAA"})),
@@ -465,7 +506,7 @@ mod tests {
         ]});
         let parsed = parse(&document).expect("one good key");
         assert_eq!(parsed.key_set.keys.len(), 1);
-        assert_eq!(parsed.warnings.len(), 13, "{:#?}", parsed.warnings);
+        assert_eq!(parsed.warnings.len(), 14, "{:#?}", parsed.warnings);
         let all = parsed.warnings.join("\n");
         for expected in [
             "(kid \"enc\"): skipped, \"use\" is \"enc\"",
@@ -473,14 +514,15 @@ mod tests {
             "(kid \"hs\"): skipped, \"alg\": \"HS256\" is never accepted",
             "(kid \"none\"): skipped, \"alg\": \"none\" is never accepted",
             "symmetric (\"oct\") keys are never accepted",
-            "key type \"OKP\" is not supported",
+            "Ed25519 public key \"x\" must be 32 bytes",
+            "(kid \"enc-ops\"): skipped, \"key_ops\" does not include \"verify\"",
             "\"n\" is not base64url",
             "\"e\" is missing",
             "RSA exponent \"e\" is not a valid",
             "does not fit an RSA key",
             "\"kid\" is not a string",
-            "keys[11] (no kid): skipped, it is not a JSON object",
-            "keys[13] (kid \"test-1\"): skipped, duplicate kid",
+            "keys[12] (no kid): skipped, it is not a JSON object",
+            "keys[14] (kid \"test-1\"): skipped, duplicate kid",
         ] {
             assert!(all.contains(expected), "missing {expected:?} in\n{all}");
         }
@@ -606,5 +648,57 @@ mod tests {
         let text = err.to_string();
         assert!(text.contains("does not fit the key's curve"), "{text}");
         assert!(text.contains("EC point is not on curve P-256"), "{text}");
+    }
+
+    #[test]
+    fn ed25519_keys_verify_eddsa_tokens() {
+        use aws_lc_rs::signature::{Ed25519KeyPair, KeyPair as _};
+        let pair = Ed25519KeyPair::generate().expect("key pair");
+        let pkcs8 = pair.to_pkcs8().expect("pkcs8");
+        let jwk = json!({
+            "kty": "OKP", "crv": "Ed25519", "kid": "ed", "use": "sig", "key_ops": ["verify"],
+            "x": URL_SAFE_NO_PAD.encode(pair.public_key().as_ref()),
+        });
+        let parsed = parse(&json!({"keys": [jwk.clone()]})).expect("valid Ed25519 key");
+        let key = &parsed.key_set.keys[0];
+        assert_eq!(key.alg, Some(Algorithm::EdDSA));
+        let token = jsonwebtoken::encode(
+            &jsonwebtoken::Header::new(Algorithm::EdDSA),
+            &json!({"sub": "x"}),
+            &jsonwebtoken::EncodingKey::from_ed_der(pkcs8.as_ref()),
+        )
+        .expect("signed");
+        let (message, signature) = token.rsplit_once('.').unwrap();
+        assert!(
+            jsonwebtoken::crypto::verify(signature, message.as_bytes(), &key.key, Algorithm::EdDSA)
+                .unwrap()
+        );
+        let tampered = format!("{message}x");
+        assert!(
+            !jsonwebtoken::crypto::verify(
+                signature,
+                tampered.as_bytes(),
+                &key.key,
+                Algorithm::EdDSA
+            )
+            .unwrap_or(false)
+        );
+        // Another curve, a wrong `alg` and a short key are skipped with the reason.
+        for (changes, reason) in [
+            (
+                json!({"crv": "X25519"}),
+                "OKP curve \"X25519\" is not supported",
+            ),
+            (json!({"alg": "RS256"}), "does not fit an Ed25519 key"),
+            (json!({"x": "AAAA"}), "must be 32 bytes"),
+            (json!({"key_ops": ["sign"]}), "does not include \"verify\""),
+            (
+                json!({"key_ops": "verify"}),
+                "\"key_ops\" is not an array of strings",
+            ),
+        ] {
+            let err = parse(&json!({"keys": [with(jwk.clone(), changes)]})).expect_err(reason);
+            assert!(err.to_string().contains(reason), "{err}");
+        }
     }
 }

@@ -16,7 +16,8 @@
 //!   to 20 % at random; after a success the next refresh is `refresh_interval` ± 10 %.
 //!   The jitter spreads a fleet of sidecars so that they do not hit an issuer together.
 //! - One fetch per issuer at a time (single flight). An unknown `kid` joins the fetch in
-//!   progress, or starts one if none has started within `min_refresh_interval`.
+//!   progress, or starts one if no unknown-kid refresh has started within
+//!   `min_refresh_interval` (scheduled fetches and the one at start do not count).
 //! - Issuers are independent: each has its own task and flight, and every GET is bounded
 //!   by `fetch_timeout`, so a hanging issuer delays nobody else.
 //! - Cached keys only fill a gap at start; they never replace keys already held.
@@ -434,7 +435,10 @@ struct Counters {
 struct IssuerState {
     /// The latest fetch; in progress while its value is `None`.
     flight: Option<watch::Receiver<Option<Outcome>>>,
-    last_started: Option<Instant>,
+    /// When the last unknown-kid refresh started. Only those count against
+    /// `min_refresh_interval`: a scheduled fetch (or the one at start) must not use the
+    /// limit up, or a key published just after it is refused until the limit passes.
+    last_unknown_kid: Option<Instant>,
     health: Health,
     consecutive_failures: u32,
 }
@@ -471,8 +475,9 @@ impl Flight {
 }
 
 impl Shared {
-    /// Joins the fetch of `issuer` in progress or starts one. With `min_gap`, a fetch is
-    /// not started if the last one started less than `min_gap` ago (`None` is returned).
+    /// Joins the fetch of `issuer` in progress or starts one. With `min_gap` (an unknown-kid
+    /// refresh), a fetch is not started if the last unknown-kid refresh started less than
+    /// `min_gap` ago (`None` is returned).
     fn begin(
         self: &Arc<Self>,
         issuer: &Arc<NetworkIssuer>,
@@ -488,14 +493,17 @@ impl Shared {
             return Some(Flight(flight.clone()));
         }
         let now = Instant::now();
-        if let (Some(gap), Some(last)) = (min_gap, state.last_started)
-            && now.duration_since(last) < gap
-        {
-            return None;
+        if let Some(gap) = min_gap {
+            if state
+                .last_unknown_kid
+                .is_some_and(|last| now.duration_since(last) < gap)
+            {
+                return None;
+            }
+            state.last_unknown_kid = Some(now);
         }
         let (done, flight) = watch::channel(None);
         state.flight = Some(flight.clone());
-        state.last_started = Some(now);
         drop(state);
 
         let shared = Arc::clone(self);

@@ -734,3 +734,37 @@ async fn reconfigure_starts_new_issuers_stops_removed_ones_and_keeps_the_keys_of
     assert_eq!(h.stats(B).successes, h.stats(B).attempts);
     assert!(h.ready());
 }
+
+/// A key published just after a scheduled refresh works at its first use: the scheduled
+/// fetch does not use up the unknown-kid refresh (its limit counts unknown-kid refreshes).
+#[tokio::test(start_paused = true)]
+async fn a_key_published_just_after_a_scheduled_refresh_works_at_first_use() {
+    let (k1, k2) = (key(1), key(2));
+    let h = Harness::start(config(B_YAML, None), fake_with(&[(B, &[&k1])]));
+    settle().await;
+    while h.fetcher.fetches(B).len() < 2 {
+        sleep(Duration::from_secs(1)).await;
+    }
+    h.fetcher.publish(B, &[&k1, &k2]);
+    assert_eq!(h.ask(&token(B, &k2)).await, None);
+    assert_eq!(h.fetcher.fetches(B).len(), 3);
+}
+
+/// A pod that starts during a rotation: the fetch at start does not use up the
+/// unknown-kid refresh either.
+#[tokio::test(start_paused = true)]
+async fn a_key_published_just_after_start_works_at_first_use() {
+    let (k1, k2) = (key(1), key(2));
+    let h = Harness::start(config(B_YAML, None), fake_with(&[(B, &[&k1])]));
+    settle().await;
+    assert_eq!(h.fetcher.fetches(B).len(), 1);
+    h.fetcher.publish(B, &[&k1, &k2]);
+    sleep(Duration::from_secs(1)).await;
+    assert_eq!(h.ask(&token(B, &k2)).await, None);
+    // The limit still holds between unknown-kid refreshes.
+    assert_eq!(
+        h.ask(&forged(B, "made-up")).await,
+        Some(DenyReason::UnknownKey)
+    );
+    assert_eq!(h.fetcher.fetches(B).len(), 2);
+}
