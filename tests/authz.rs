@@ -125,6 +125,7 @@ backends:
             ("authorization", bearer.as_str()),
             ("x-gitlab-realm", "self-managed"),
             ("x-gitlab-instance-id", INSTANCE),
+            ("x-gitlab-authentication-type", "oidc"),
             ("x-gitlab-version", "17.5.0-ee"),
         ];
         for (k, v) in extra {
@@ -295,6 +296,7 @@ async fn routing_denies_with_no_route_and_bad_path() {
         &[
             ("authorization", &bearer),
             ("x-gitlab-instance-id", INSTANCE),
+            ("x-gitlab-authentication-type", "oidc"),
             ("x-gitlab-realm", "self-managed"),
         ],
     )

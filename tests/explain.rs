@@ -46,6 +46,7 @@ fn row(name: &'static str, path: &'static str, token: Option<String>) -> Row {
         headers: vec![
             ("x-gitlab-realm", "self-managed".into()),
             ("x-gitlab-instance-id", INSTANCE.into()),
+            ("x-gitlab-authentication-type", "oidc".into()),
             ("x-gitlab-version", "17.5.0-ee".into()),
         ],
         token,
