@@ -132,7 +132,7 @@ noop_idle_hwm=$(vm_kib "$noop_pid" VmHWM)
 # The request: what a GitLab instance sends to the AI gateway for a code completion.
 instance=0f1b7a53-6e34-4c1e-9a0c-2a7d6b1d9e42
 "$authz_bin" check --grpc "127.0.0.1:$authz_grpc" --method POST --path /ai/v2/code/completions \
-  --header x-gitlab-realm:self-managed --header "x-gitlab-instance-id:$instance" \
+  --header x-gitlab-realm:self-managed --header "x-gitlab-instance-id:$instance" --header x-gitlab-authentication-type:oidc \
   --token "$token" >"$OUT_DIR/check.txt" 2>&1 \
   || { say "connector-authz does not allow the benchmark request:"; cat "$OUT_DIR/check.txt" >&2; exit 1; }
 
@@ -164,7 +164,7 @@ wrk.body = '{"prompt":"def hello"}'
 wrk.headers["Content-Type"] = "application/json"
 LUA
 request_headers=(-H "Authorization: Bearer $token" -H "X-Gitlab-Realm: self-managed"
-  -H "X-Gitlab-Instance-Id: $instance" -H "X-Gitlab-Version: 17.5.0")
+  -H "X-Gitlab-Instance-Id: $instance" -H "X-Gitlab-Authentication-Type: oidc" -H "X-Gitlab-Version: 17.5.0")
 
 for config in A N S B; do
   code=$(curl -s -o /dev/null -w '%{http_code}' -X POST "${request_headers[@]}" \

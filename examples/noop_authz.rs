@@ -60,7 +60,10 @@ fn answer(same_as_connector_authz: bool) -> CheckResponse {
             jti: Some("load-1".into()),
             unit_primitive: None,
             deprecated: Vec::new(),
+            forwarded: Vec::new(),
         }),
+        dry_run: None,
+        removed_headers: Vec::new(),
     }))
 }
 

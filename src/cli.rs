@@ -516,9 +516,14 @@ pub fn route_table(config: &Config) -> String {
             Access::Public => ("public".into(), vec![]),
             Access::Token {
                 require,
+                require_any,
                 unit_primitive_header,
+                ..
             } => {
                 let mut needs: Vec<String> = require.iter().map(|r| r.to_string()).collect();
+                if !require_any.is_empty() {
+                    needs.push(format!("any-of({})", require_any.join(",")));
+                }
                 if let Some(h) = unit_primitive_header {
                     needs.push(format!("<{h}>"));
                 }

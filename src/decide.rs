@@ -4,17 +4,18 @@
 //!
 //! The checks run in the order of DESIGN.md's decision table and the first failure
 //! decides: route → token present → algorithm → issuer → issuer's keys loaded → key id →
-//! signature → time → audience → instance headers → scopes → header-named unit primitive
-//! → minimum GitLab version.
+//! signature → time → audience → instance headers → user tokens → scopes → header-named
+//! unit primitive → minimum GitLab version. A backend in `mode: dry_run` turns a denial
+//! (after routing) into an allow that carries it.
 
 use std::borrow::Cow;
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use crate::config::{Backend, Config, parse_algorithm};
+use crate::config::{Backend, Config, Mode, parse_algorithm};
 use crate::decision::{
-    Allowed, Decision, Denied, DenyReason, HeaderValue, Identity, Request, claim_fits_header,
-    scope_fits_header,
+    Allowed, Decision, Denied, DenyReason, ForwardedHeader, HeaderValue, Identity, Request,
+    claim_fits_header, scope_fits_header,
 };
 use crate::keys::{KeySnapshot, canonical_issuer};
 use crate::registry::{GitlabVersion, UnitPrimitive};
@@ -63,17 +64,26 @@ pub fn decide_cached(
         );
     };
     let backend = &config.backends[route.backend];
-    let (require, unit_primitive_header) = match &route.access {
+    let access = match &route.access {
         Access::Public => {
             return Decision::Allow(Allowed {
                 backend: backend.name.clone(),
                 identity: None,
+                dry_run: None,
+                removed_headers: forward_headers(backend),
             });
         }
         Access::Token {
             require,
+            require_any,
+            user_tokens,
             unit_primitive_header,
-        } => (require, unit_primitive_header.as_deref()),
+        } => RouteNeeds {
+            require,
+            require_any,
+            user_tokens: *user_tokens,
+            unit_primitive_header: unit_primitive_header.as_deref(),
+        },
     };
     let check = TokenCheck {
         snapshot,
@@ -83,19 +93,49 @@ pub fn decide_cached(
         now: unix_seconds(now),
         cache,
     };
-    match check.run(require, unit_primitive_header) {
+    match check.run(&access) {
         Ok(mut identity) => {
-            identity.deprecated.extend(route.deprecated.iter().cloned());
+            // The deprecated unit primitives of the route that this token relied on: all
+            // of `require`, and those of `require_any` that it holds.
+            let held = |name: &&Arc<str>| identity.scopes.iter().any(|s| *s == ***name);
+            let relied: Vec<Arc<str>> = route.deprecated.iter().filter(held).cloned().collect();
+            identity.deprecated.extend(relied);
             Decision::Allow(Allowed {
                 backend: backend.name.clone(),
                 identity: Some(identity),
+                dry_run: None,
+                removed_headers: Vec::new(),
             })
         }
         Err(mut denied) => {
             denied.backend = Some(backend.name.clone());
+            if backend.mode == Mode::DryRun {
+                return Decision::Allow(Allowed {
+                    backend: backend.name.clone(),
+                    identity: None,
+                    dry_run: Some(Box::new(denied)),
+                    removed_headers: forward_headers(backend),
+                });
+            }
             Decision::Deny(denied)
         }
     }
+}
+
+fn forward_headers(backend: &Backend) -> Vec<Box<str>> {
+    backend
+        .forward_claims
+        .iter()
+        .map(|f| f.header.clone())
+        .collect()
+}
+
+/// What a token route asks of a request (the fields of [`Access::Token`]).
+struct RouteNeeds<'r> {
+    require: &'r [Arc<str>],
+    require_any: &'r [Arc<str>],
+    user_tokens: bool,
+    unit_primitive_header: Option<&'r str>,
 }
 
 fn unix_seconds(t: SystemTime) -> i64 {
@@ -124,11 +164,7 @@ struct TokenCheck<'a> {
 }
 
 impl TokenCheck<'_> {
-    fn run(
-        &self,
-        require: &[Arc<str>],
-        unit_primitive_header: Option<&str>,
-    ) -> Result<Identity, Denied> {
+    fn run(&self, needs: &RouteNeeds<'_>) -> Result<Identity, Denied> {
         let settings = &self.config.tokens;
         let raw = token::bearer(self.req.headers, settings.max_bytes)
             .map_err(|e| denied(e.reason, e.message))?;
@@ -155,24 +191,48 @@ impl TokenCheck<'_> {
             ));
         }
         let iss = claims.iss.as_deref().unwrap_or_default();
-        self.instance_headers(claims, canonical_issuer(iss))?;
-        if let Some(missing) = require
-            .iter()
-            .find(|up| !scopes.iter().any(|s| s == &***up))
-        {
+        // A user token is one the backend minted itself: its issuer is the backend's audience.
+        let user_token = canonical_issuer(iss) == &*self.backend.audience;
+        self.instance_headers(claims, user_token)?;
+        if user_token && !needs.user_tokens {
+            return Err(denied(
+                DenyReason::UserTokenRefused,
+                "this path accepts only tokens issued to a GitLab instance, not user tokens",
+            ));
+        }
+        let holds = |up: &str| scopes.iter().any(|s| s == up);
+        if let Some(missing) = needs.require.iter().find(|up| !holds(up)) {
             return Err(denied(
                 DenyReason::InsufficientScope,
                 format!("the token does not grant the unit primitive {missing}"),
             ));
         }
-        let named_up = match unit_primitive_header {
+        let any_held = needs.require_any.iter().find(|up| holds(up));
+        if !needs.require_any.is_empty() && any_held.is_none() {
+            return Err(denied(
+                DenyReason::InsufficientScope,
+                format!(
+                    "the token grants none of the unit primitives {}",
+                    needs.require_any.join(", ")
+                ),
+            ));
+        }
+        let named_up = match needs.unit_primitive_header {
             Some(header) => Some(self.named_unit_primitive(header, scopes)?),
             None => None,
         };
         let named = named_up.map(|up| up.name.as_str());
         if self.config.enforce_min_version {
-            self.min_version(require.iter().map(|up| &**up).chain(named))?;
+            self.min_version(
+                needs
+                    .require
+                    .iter()
+                    .chain(any_held)
+                    .map(|up| &**up)
+                    .chain(named),
+            )?;
         }
+        let forwarded = self.forwarded_claims(raw)?;
         let named_deprecated = named_up
             .filter(|up| up.deprecation.is_some())
             .map(|up| up.name.as_str());
@@ -183,7 +243,27 @@ impl TokenCheck<'_> {
             jti: claims.jti.clone(),
             unit_primitive: named.map(str::to_string),
             deprecated: named_deprecated.map(Arc::from).into_iter().collect(),
+            forwarded,
         })
+    }
+
+    /// The backend's `forward_claims`, read from the verified token's payload (only
+    /// when the backend forwards any: most do not, and pay nothing).
+    fn forwarded_claims(&self, raw: &str) -> Result<Vec<ForwardedHeader>, Denied> {
+        let forward = &self.backend.forward_claims;
+        if forward.is_empty() {
+            return Ok(Vec::new());
+        }
+        let names: Vec<&str> = forward.iter().map(|f| &*f.claim).collect();
+        let values = token::claim_values(raw, &names).map_err(|e| denied(e.reason, e.message))?;
+        Ok(forward
+            .iter()
+            .zip(values)
+            .map(|(f, value)| ForwardedHeader {
+                header: f.header.clone(),
+                value,
+            })
+            .collect())
     }
 
     /// The checks a cache hit skips, in the table's order: the token's structure, its
@@ -240,31 +320,33 @@ impl TokenCheck<'_> {
     }
 
     /// The instance headers must agree with the claims that are set (as the AI gateway
-    /// checks them); a missing header then counts as a mismatch.
-    fn instance_headers(&self, claims: &Claims, iss: &str) -> Result<(), Denied> {
+    /// checks them: a null or empty claim is not set); a missing header then counts as a
+    /// mismatch. `x-gitlab-authentication-type: oidc` is always required.
+    fn instance_headers(&self, claims: &Claims, user_token: bool) -> Result<(), Denied> {
+        fn set(claim: &Option<String>) -> Option<&str> {
+            claim.as_deref().filter(|v| !v.is_empty())
+        }
         let headers = self.req.headers;
         let must_equal =
             |name: &'static str, expected: &str, message: &'static str| match headers.get(name) {
                 HeaderValue::One(v) if v == expected => Ok(()),
                 _ => Err(denied(DenyReason::HeaderMismatch, message)),
             };
-        if let Some(realm) = &claims.gitlab_realm {
+        if let Some(realm) = set(&claims.gitlab_realm) {
             must_equal(
                 "x-gitlab-realm",
                 realm,
                 "the X-Gitlab-Realm header does not match the token",
             )?;
         }
-        if let Some(instance) = &claims.gitlab_instance_id {
+        if let Some(instance) = set(&claims.gitlab_instance_id) {
             must_equal(
                 "x-gitlab-instance-id",
                 instance,
                 "the X-Gitlab-Instance-Id header does not match the token",
             )?;
         }
-        // A user token is one the backend minted itself: its issuer is the backend's audience.
-        let user_token = iss == &*self.backend.audience;
-        match (&claims.sub, user_token) {
+        match (set(&claims.sub), user_token) {
             (Some(sub), true) => must_equal(
                 "x-gitlab-global-user-id",
                 sub,
@@ -284,8 +366,11 @@ impl TokenCheck<'_> {
             (None, false) => {}
         }
         match headers.get("x-gitlab-authentication-type") {
-            HeaderValue::Absent => Ok(()),
             HeaderValue::One("oidc") => Ok(()),
+            HeaderValue::Absent => Err(denied(
+                DenyReason::HeaderMismatch,
+                "the request has no X-Gitlab-Authentication-Type header; GitLab instances send oidc",
+            )),
             _ => Err(denied(
                 DenyReason::HeaderMismatch,
                 "the X-Gitlab-Authentication-Type header must be oidc",
@@ -324,6 +409,18 @@ impl TokenCheck<'_> {
                 format!("the {header} header does not name a known unit primitive"),
             ));
         };
+        // When the registry says which backend services deliver it, this one must be one.
+        if let Some(service) = self.backend.backend_service.as_deref()
+            && !up.backend_services.is_empty()
+            && !up.backend_services.iter().any(|b| b == service)
+        {
+            return Err(denied(
+                DenyReason::BadUnitPrimitive,
+                format!(
+                    "the {header} header names a unit primitive that this backend does not deliver"
+                ),
+            ));
+        }
         if !scopes.iter().any(|s| s == &up.name) {
             return Err(denied(
                 DenyReason::InsufficientScope,

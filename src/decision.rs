@@ -89,13 +89,15 @@ pub enum DenyReason {
     NotYetValid,
     WrongAudience,
     HeaderMismatch,
+    /// A user token (minted by the backend itself) on a route with `user_tokens: false`.
+    UserTokenRefused,
     InsufficientScope,
     BadUnitPrimitive,
     VersionTooOld,
 }
 
 impl DenyReason {
-    pub const ALL: [DenyReason; 16] = [
+    pub const ALL: [DenyReason; 17] = [
         DenyReason::BadPath,
         DenyReason::NoRoute,
         DenyReason::MissingToken,
@@ -109,6 +111,7 @@ impl DenyReason {
         DenyReason::NotYetValid,
         DenyReason::WrongAudience,
         DenyReason::HeaderMismatch,
+        DenyReason::UserTokenRefused,
         DenyReason::InsufficientScope,
         DenyReason::BadUnitPrimitive,
         DenyReason::VersionTooOld,
@@ -129,6 +132,7 @@ impl DenyReason {
             DenyReason::NotYetValid => "not_yet_valid",
             DenyReason::WrongAudience => "wrong_audience",
             DenyReason::HeaderMismatch => "header_mismatch",
+            DenyReason::UserTokenRefused => "user_token_refused",
             DenyReason::InsufficientScope => "insufficient_scope",
             DenyReason::BadUnitPrimitive => "bad_unit_primitive",
             DenyReason::VersionTooOld => "version_too_old",
@@ -139,7 +143,10 @@ impl DenyReason {
     pub fn http_status(self) -> u16 {
         match self {
             DenyReason::BadPath | DenyReason::BadUnitPrimitive => 400,
-            DenyReason::NoRoute | DenyReason::InsufficientScope | DenyReason::VersionTooOld => 403,
+            DenyReason::NoRoute
+            | DenyReason::UserTokenRefused
+            | DenyReason::InsufficientScope
+            | DenyReason::VersionTooOld => 403,
             DenyReason::KeysUnavailable => 503,
             _ => 401,
         }
@@ -179,13 +186,31 @@ pub struct Identity {
     /// The unit primitives this allow relied on (the route's and the header-named one)
     /// that the registry marks deprecated; empty, and allocation-free, almost always.
     pub deprecated: Vec<Arc<str>>,
+    /// The backend's `forward_claims`: each header with the claim's value, or `None` when
+    /// the claim is absent, null, empty or not a string or number (the header is removed).
+    pub forwarded: Vec<ForwardedHeader>,
+}
+
+/// One `forward_claims` header of an allow.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ForwardedHeader {
+    pub header: Box<str>,
+    /// The claim's value; `None` removes the header (the claim is absent, null, empty or
+    /// neither a string nor a number).
+    pub value: Option<String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Allowed {
     pub backend: Arc<str>,
-    /// `None` on a public route: no token was needed or checked.
+    /// `None` on a public route (no token was needed or checked) and on a dry-run allow.
     pub identity: Option<Identity>,
+    /// Set when the backend is in `mode: dry_run` and the request would have been denied:
+    /// the denial it would have been. The request is allowed without an identity.
+    pub dry_run: Option<Box<Denied>>,
+    /// Without an identity: the backend's `forward_claims` headers, which the allow
+    /// removes so that no client-sent copy reaches the backend.
+    pub removed_headers: Vec<Box<str>>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -1,7 +1,8 @@
 //! `serve --dev`: a sidecar that runs with no files and no network. It makes an
 //! ephemeral development signing key, writes its public key set, private key and the
 //! shipped unit primitive registry to a fresh temporary directory, loads the embedded
-//! `config/dev.yaml` against them, and mints a ready-to-use token.
+//! template `src/devmode/dev.yaml.template` against them, and mints a ready-to-use token
+//! that carries the claims a GitLab instance's token carries.
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -11,7 +12,7 @@ use serde_json::json;
 use crate::config::{Config, ConfigError};
 use crate::dev::DevKey;
 
-const DEV_CONFIG: &str = include_str!("../config/dev.yaml");
+const DEV_CONFIG: &str = include_str!("devmode/dev.yaml.template");
 const EMBEDDED_REGISTRY: &[(&str, &str)] =
     include!(concat!(env!("OUT_DIR"), "/embedded_registry.rs"));
 
@@ -19,6 +20,8 @@ const EMBEDDED_REGISTRY: &[(&str, &str)] =
 pub const DEV_ISSUER: &str = "connector-authz-dev";
 /// The instance id the dev token is minted for; requests send it as `X-Gitlab-Instance-Id`.
 pub const DEV_INSTANCE: &str = "dev-instance";
+/// The realm the dev token claims; requests send it as `X-Gitlab-Realm`.
+pub const DEV_REALM: &str = "self-managed";
 const DEV_KID: &str = "dev-1";
 const DEV_TOKEN_LIFETIME: Duration = Duration::from_secs(24 * 3600);
 
@@ -86,6 +89,8 @@ fn dev_claims(audience: &str, scopes: &[&str], now: SystemTime) -> serde_json::V
         "exp": now + DEV_TOKEN_LIFETIME.as_secs(),
         "jti": format!("dev-{now}"),
         "scopes": scopes,
+        "gitlab_realm": DEV_REALM,
+        "gitlab_instance_id": DEV_INSTANCE,
     })
 }
 
@@ -109,6 +114,22 @@ fn write_private(path: &Path, contents: &[u8]) -> std::io::Result<()> {
     }
 }
 
+/// The headers a GitLab instance sends with every Cloud Connector request, for the dev token.
+pub const DEV_INSTANCE_HEADERS: [(&str, &str); 3] = [
+    ("x-gitlab-instance-id", DEV_INSTANCE),
+    ("x-gitlab-realm", DEV_REALM),
+    ("x-gitlab-authentication-type", "oidc"),
+];
+
+/// [`DEV_INSTANCE_HEADERS`] as `check` arguments.
+fn instance_header_args() -> String {
+    DEV_INSTANCE_HEADERS
+        .iter()
+        .map(|(k, v)| format!("--header {k}:{v}"))
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
 impl DevSetup {
     /// The banner `serve --dev` prints: the token and the commands to try it.
     pub fn banner(&self) -> String {
@@ -122,17 +143,19 @@ impl DevSetup {
              export TOKEN={token}\n\n\
              Try it (allowed, then denied for a unit primitive the token lacks):\n\
              \x20 {exe} check --grpc {grpc} --method POST --path /ai/v2/code/completions \\\n\
-             \x20     --header x-gitlab-instance-id:{DEV_INSTANCE} --token \"$TOKEN\"\n\
+             \x20     {headers} --token \"$TOKEN\"\n\
              \x20 {exe} check --grpc {grpc} --method POST --path /ai/v1/proxy/vertex-ai \\\n\
-             \x20     --header x-gitlab-instance-id:{DEV_INSTANCE} --header x-gitlab-unit-primitive:explain_vulnerability --token \"$TOKEN\"\n\
+             \x20     {headers} --header x-gitlab-unit-primitive:explain_vulnerability --token \"$TOKEN\"\n\
              Mint another token:\n\
-             \x20 {exe} mint --key {key} --kid {DEV_KID} --iss {DEV_ISSUER} --aud {aud} --sub {DEV_INSTANCE} --scopes duo_chat\n",
+             \x20 {exe} mint --key {key} --kid {DEV_KID} --iss {DEV_ISSUER} --aud {aud} --sub {DEV_INSTANCE} --scopes duo_chat \\\n\
+             \x20     --claim gitlab_realm={DEV_REALM} --claim gitlab_instance_id={DEV_INSTANCE}\n",
             dir = self.dir.display(),
             admin = self.config.listen.admin,
             scopes = self.scopes.join(","),
             token = self.token,
             key = self.key_file.display(),
             aud = self.config.backends[0].audience,
+            headers = instance_header_args(),
         )
     }
 }

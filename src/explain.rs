@@ -109,9 +109,22 @@ pub fn explain(snapshot: &Snapshot, req: &Request<'_>, now: SystemTime) -> Expla
         .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX));
 
     match &decision {
-        Decision::Allow(allowed) => {
-            let _ = writeln!(out, "decision: allow (backend {})", allowed.backend);
-        }
+        Decision::Allow(allowed) => match &allowed.dry_run {
+            None => {
+                let _ = writeln!(out, "decision: allow (backend {})", allowed.backend);
+            }
+            Some(denied) => {
+                let _ = writeln!(
+                    out,
+                    "decision: dry_run: allowed because backend {} is in mode: dry_run; enforcing would deny {} {}\n  {}\n  upstream header: x-gitlab-authz-dry-run: {}",
+                    allowed.backend,
+                    denied.reason.http_status(),
+                    denied.reason,
+                    denied.message,
+                    denied.reason
+                );
+            }
+        },
         Decision::Deny(denied) => {
             let _ = writeln!(
                 out,
@@ -160,10 +173,19 @@ pub fn explain(snapshot: &Snapshot, req: &Request<'_>, now: SystemTime) -> Expla
     );
     let _ = writeln!(
         out,
-        "  backend: {} (audience {})",
-        backend.name, backend.audience
+        "  backend: {} (audience {}){}",
+        backend.name,
+        backend.audience,
+        if backend.mode == crate::config::Mode::DryRun {
+            ", mode: dry_run"
+        } else {
+            ""
+        }
     );
-    let (require, named_header) = match &route.access {
+    for f in &backend.forward_claims {
+        let _ = writeln!(out, "  forwards claim {} as header {}", f.claim, f.header);
+    }
+    let (require, require_any, user_tokens, named_header) = match &route.access {
         Access::Public => {
             let _ = writeln!(out, "  requires: nothing (public route, no token needed)");
             return Explanation {
@@ -173,10 +195,23 @@ pub fn explain(snapshot: &Snapshot, req: &Request<'_>, now: SystemTime) -> Expla
         }
         Access::Token {
             require,
+            require_any,
+            user_tokens,
             unit_primitive_header,
-        } => (require, unit_primitive_header.as_deref()),
+        } => (
+            require,
+            require_any,
+            *user_tokens,
+            unit_primitive_header.as_deref(),
+        ),
     };
     let mut needs: Vec<String> = require.iter().map(|r| r.to_string()).collect();
+    if !require_any.is_empty() {
+        needs.push(format!("one of [{}]", require_any.join(", ")));
+    }
+    if !user_tokens {
+        needs.push("an instance token (user_tokens: false)".into());
+    }
     if let Some(header) = named_header {
         let named = req.headers.get(header).one().unwrap_or("(header absent)");
         needs.push(format!("the unit primitive named by {header}: {named}"));

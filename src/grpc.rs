@@ -38,11 +38,14 @@ pub const SUBJECT_HEADER: &str = "x-gitlab-authz-subject";
 pub const ISSUER_HEADER: &str = "x-gitlab-authz-issuer";
 pub const SCOPES_HEADER: &str = "x-gitlab-authz-scopes";
 pub const UNIT_PRIMITIVE_HEADER: &str = "x-gitlab-authz-unit-primitive";
-const IDENTITY_HEADERS: [&str; 4] = [
+/// Set on an allow that a backend in `mode: dry_run` would otherwise have denied: the reason.
+pub const DRY_RUN_HEADER: &str = "x-gitlab-authz-dry-run";
+const IDENTITY_HEADERS: [&str; 5] = [
     SUBJECT_HEADER,
     ISSUER_HEADER,
     SCOPES_HEADER,
     UNIT_PRIMITIVE_HEADER,
+    DRY_RUN_HEADER,
 ];
 
 // google.rpc.Code values. Envoy only tells 0 (allow) from the rest (deny), but the code
@@ -126,9 +129,15 @@ impl AuthzService {
                 (self.decide_fn)(&snapshot, &input.request(), SystemTime::now(), &self.cache);
             (first, wait)
         };
-        let (issuer, refresher) = match (&first, &self.refresher) {
+        // A dry-run allow that would have been an unknown kid refreshes too: the decision
+        // it reports must be the one enforcing would make.
+        let would_deny = match &first {
+            Decision::Deny(denied) => Some(denied),
+            Decision::Allow(allowed) => allowed.dry_run.as_deref(),
+        };
+        let (issuer, refresher) = match (would_deny, &self.refresher) {
             (
-                Decision::Deny(Denied {
+                Some(Denied {
                     refresh_issuer: Some(issuer),
                     ..
                 }),
@@ -176,7 +185,8 @@ impl Authorization for AuthzService {
         {
             self.note_deprecated(&identity.deprecated);
         }
-        if tracing::enabled!(tracing::Level::DEBUG) {
+        let dry_run = matches!(&decision, Decision::Allow(a) if a.dry_run.is_some());
+        if dry_run || tracing::enabled!(tracing::Level::DEBUG) {
             log_decision(&self.snapshot.load(), &input, &decision, elapsed);
         }
         Ok(tonic::Response::new(to_response(&decision)))
@@ -252,8 +262,8 @@ fn log_decision(
         .map(|r| r.pattern.to_string());
     let route = route.as_deref().unwrap_or("");
     let latency_us = u64::try_from(elapsed.as_micros()).unwrap_or(u64::MAX);
-    match decision {
-        Decision::Allow(allowed) => {
+    let would_deny = match decision {
+        Decision::Allow(allowed) if allowed.dry_run.is_none() => {
             let identity = allowed.identity.as_ref();
             tracing::debug!(
                 decision = "allow",
@@ -266,28 +276,45 @@ fn log_decision(
                 latency_us,
                 "check"
             );
+            return;
         }
-        Decision::Deny(denied) => {
-            let request = input.request();
-            let claims = crate::token::bearer(request.headers, snapshot.config.tokens.max_bytes)
-                .ok()
-                .and_then(|raw| crate::token::split(raw).ok())
-                .and_then(|token| token.claims().ok());
-            let claim = |f: fn(&crate::token::Claims) -> Option<&String>| {
-                claims.as_ref().and_then(f).map_or("", String::as_str)
-            };
-            tracing::debug!(
-                decision = "deny",
-                reason = denied.reason.as_str(),
-                route,
-                backend = denied.backend.as_deref().unwrap_or(""),
-                issuer = claim(|c| c.iss.as_ref()),
-                subject = claim(|c| c.sub.as_ref()),
-                jti = claim(|c| c.jti.as_ref()),
-                latency_us,
-                "check"
-            );
-        }
+        Decision::Allow(allowed) => allowed.dry_run.as_deref(),
+        Decision::Deny(denied) => Some(denied),
+    };
+    let Some(denied) = would_deny else { return };
+    let request = input.request();
+    let claims = crate::token::bearer(request.headers, snapshot.config.tokens.max_bytes)
+        .ok()
+        .and_then(|raw| crate::token::split(raw).ok())
+        .and_then(|token| token.claims().ok());
+    let claim = |f: fn(&crate::token::Claims) -> Option<&String>| {
+        claims.as_ref().and_then(f).map_or("", String::as_str)
+    };
+    if decision.is_allow() {
+        // Dry run: the point is to see what enforcing would deny, so it is logged at info.
+        tracing::info!(
+            decision = "dry_run",
+            reason = denied.reason.as_str(),
+            route,
+            backend = denied.backend.as_deref().unwrap_or(""),
+            issuer = claim(|c| c.iss.as_ref()),
+            subject = claim(|c| c.sub.as_ref()),
+            jti = claim(|c| c.jti.as_ref()),
+            latency_us,
+            "check: allowed in dry run, enforcing would deny"
+        );
+    } else {
+        tracing::debug!(
+            decision = "deny",
+            reason = denied.reason.as_str(),
+            route,
+            backend = denied.backend.as_deref().unwrap_or(""),
+            issuer = claim(|c| c.iss.as_ref()),
+            subject = claim(|c| c.sub.as_ref()),
+            jti = claim(|c| c.jti.as_ref()),
+            latency_us,
+            "check"
+        );
     }
 }
 
@@ -394,16 +421,28 @@ pub fn to_response(decision: &Decision) -> CheckResponse {
 }
 
 fn allow_response(allowed: &Allowed) -> CheckResponse {
-    let mut metadata = Metadata::new("allow");
+    let mut metadata = Metadata::new(if allowed.dry_run.is_some() {
+        "dry_run"
+    } else {
+        "allow"
+    });
     metadata.put("backend", &allowed.backend);
     let mut ok = OkHttpResponse::default();
     match &allowed.identity {
-        // A public route: nobody was identified, so no identity header may reach the backend.
+        // A public route or a dry-run allow: nobody was identified, so no identity header
+        // (and no forwarded claim) may reach the backend.
         None => {
             ok.headers_to_remove = IDENTITY_HEADERS
                 .iter()
                 .map(|&name| name.to_owned())
-                .collect()
+                .chain(allowed.removed_headers.iter().map(|h| h.to_string()))
+                .collect();
+            if let Some(denied) = &allowed.dry_run {
+                ok.headers_to_remove.retain(|h| h != DRY_RUN_HEADER);
+                ok.headers
+                    .push(overwrite(DRY_RUN_HEADER, denied.reason.as_str()));
+                metadata.put("reason", denied.reason.as_str());
+            }
         }
         Some(identity) => {
             let scopes = identity.scopes.join(" ");
@@ -418,7 +457,14 @@ fn allow_response(allowed: &Allowed) -> CheckResponse {
                         .push(overwrite(UNIT_PRIMITIVE_HEADER, unit_primitive));
                     metadata.put("unit_primitive", unit_primitive);
                 }
-                None => ok.headers_to_remove = vec![UNIT_PRIMITIVE_HEADER.to_owned()],
+                None => ok.headers_to_remove.push(UNIT_PRIMITIVE_HEADER.to_owned()),
+            }
+            ok.headers_to_remove.push(DRY_RUN_HEADER.to_owned());
+            for forwarded in &identity.forwarded {
+                match &forwarded.value {
+                    Some(value) => ok.headers.push(overwrite(&forwarded.header, value)),
+                    None => ok.headers_to_remove.push(forwarded.header.to_string()),
+                }
             }
             metadata.put("subject", &identity.subject);
             metadata.put("issuer", &identity.issuer);
@@ -618,6 +664,7 @@ mod tests {
 
     fn mk_identity(unit_primitive: Option<&str>) -> Identity {
         Identity {
+            forwarded: Vec::new(),
             subject: "instance-1".into(),
             issuer: Arc::from(ISSUER),
             scopes: vec!["code_suggestions".into(), "duo_chat".into()],
@@ -834,6 +881,8 @@ mod tests {
         let decision = Decision::Allow(Allowed {
             backend: Arc::from("ai_gateway"),
             identity: Some(mk_identity(None)),
+            dry_run: None,
+            removed_headers: Vec::new(),
         });
         let response = to_response(&decision);
         assert_eq!(response.status.as_ref().map(|s| s.code), Some(CODE_OK));
@@ -861,7 +910,11 @@ mod tests {
         }
         // No unit primitive on this route: a client's own header must not pass either.
         assert!(header(&ok.headers, UNIT_PRIMITIVE_HEADER).is_none());
-        assert_eq!(ok.headers_to_remove, vec![UNIT_PRIMITIVE_HEADER.to_owned()]);
+        // Nor a dry-run verdict: this is no dry-run allow.
+        assert_eq!(
+            ok.headers_to_remove,
+            vec![UNIT_PRIMITIVE_HEADER.to_owned(), DRY_RUN_HEADER.to_owned()]
+        );
 
         for (key, value) in [
             ("decision", "allow"),
@@ -881,6 +934,8 @@ mod tests {
         let decision = Decision::Allow(Allowed {
             backend: Arc::from("ai_gateway"),
             identity: Some(mk_identity(Some("duo_chat"))),
+            dry_run: None,
+            removed_headers: Vec::new(),
         });
         let response = to_response(&decision);
         let ok = ok_response(&response);
@@ -894,7 +949,7 @@ mod tests {
             option.append_action,
             HeaderAppendAction::OverwriteIfExistsOrAdd as i32
         );
-        assert!(ok.headers_to_remove.is_empty());
+        assert_eq!(ok.headers_to_remove, vec![DRY_RUN_HEADER.to_owned()]);
         assert_eq!(
             metadata(&response, "unit_primitive").as_deref(),
             Some("duo_chat")
@@ -908,6 +963,8 @@ mod tests {
         let response = to_response(&Decision::Allow(Allowed {
             backend: Arc::from("b"),
             identity: Some(identity),
+            dry_run: None,
+            removed_headers: Vec::new(),
         }));
         let option =
             header(&ok_response(&response).headers, SCOPES_HEADER).expect("scopes header is set");
@@ -920,6 +977,8 @@ mod tests {
         let response = to_response(&Decision::Allow(Allowed {
             backend: Arc::from("ai_gateway"),
             identity: None,
+            dry_run: None,
+            removed_headers: Vec::new(),
         }));
         assert_eq!(response.status.as_ref().map(|s| s.code), Some(CODE_OK));
         let ok = ok_response(&response);
@@ -950,6 +1009,8 @@ mod tests {
             Decision::Allow(Allowed {
                 backend: Arc::from("ai_gateway"),
                 identity: Some(mk_identity(None)),
+                dry_run: None,
+                removed_headers: Vec::new(),
             })
         } else {
             Decision::Deny(Denied {

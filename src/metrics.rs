@@ -37,7 +37,7 @@ use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::{Registry, Unit};
 
 use crate::decide::Snapshot;
-use crate::decision::Decision;
+use crate::decision::{Allowed, Decision};
 use crate::keys::KeyManager;
 
 /// Upper bounds of the Check latency buckets, in seconds: a Check decided from memory
@@ -210,6 +210,15 @@ impl Metrics {
     /// Counts one answered Check and its latency.
     pub fn check_decided(&self, decision: &Decision, elapsed: Duration) {
         let labels = match decision {
+            Decision::Allow(Allowed {
+                backend,
+                dry_run: Some(denied),
+                ..
+            }) => CheckLabels {
+                decision: "dry_run",
+                reason: denied.reason.as_str(),
+                backend: Some(Arc::clone(backend)),
+            },
             Decision::Allow(allowed) => CheckLabels {
                 decision: "allow",
                 reason: if allowed.identity.is_some() {
@@ -393,6 +402,8 @@ mod tests {
         let allow = Decision::Allow(Allowed {
             backend: Arc::from("ai_gateway"),
             identity: None,
+            dry_run: None,
+            removed_headers: Vec::new(),
         });
         metrics.check_decided(&allow, Duration::from_micros(40));
         metrics.check_decided(&allow, Duration::from_micros(60));

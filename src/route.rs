@@ -272,10 +272,14 @@ impl std::fmt::Display for Pattern {
 pub enum Access {
     /// No token needed.
     Public,
-    /// A valid token whose `scopes` hold every unit primitive in `require`, and, when
-    /// `unit_primitive_header` is set, the unit primitive that header names.
+    /// A valid token whose `scopes` hold every unit primitive in `require`, at least one
+    /// of `require_any` (when it is not empty), and, when `unit_primitive_header` is set,
+    /// the unit primitive that header names. `user_tokens: false` refuses tokens the
+    /// backend minted itself.
     Token {
         require: Vec<Arc<str>>,
+        require_any: Vec<Arc<str>>,
+        user_tokens: bool,
         unit_primitive_header: Option<Box<str>>,
     },
 }
@@ -289,8 +293,8 @@ pub struct Route {
     pub backend: usize,
     /// Where the route is written, for messages.
     pub line: u32,
-    /// The required unit primitives that the registry marks deprecated (found at load
-    /// time, so a request can be logged without a registry lookup).
+    /// The unit primitives of `require` and `require_any` that the registry marks
+    /// deprecated (found at load time, so a request can be logged without a registry lookup).
     pub deprecated: Vec<Arc<str>>,
 }
 

@@ -217,6 +217,70 @@ impl UnverifiedToken<'_> {
     }
 }
 
+/// The values of the claims `names` in a token's payload, for `forward_claims`: a string
+/// as it is, a number as its JSON text; `None` for a claim that is absent, null, the empty
+/// string or of another type. A value with a control character, or a forwarded claim
+/// written twice (a backend could read either), makes the token malformed.
+pub fn claim_values(token: &str, names: &[&str]) -> Result<Vec<Option<String>>, TokenError> {
+    let payload = token
+        .split('.')
+        .nth(1)
+        .ok_or_else(|| malformed("the bearer token is not a signed JWT"))?;
+    let json = decode_segment(payload)?;
+    let mut de = serde_json::Deserializer::from_slice(&json);
+    let values = de::DeserializeSeed::deserialize(ClaimPicker { names }, &mut de)
+        .map_err(|_| malformed("the token claims are not valid JSON of the expected types"))?;
+    values
+        .into_iter()
+        .map(|value| match value {
+            Some(v) if !crate::decision::claim_fits_header(v) => Err(malformed(
+                "a claim forwarded to the backend contains a control character",
+            )),
+            v => Ok(v.filter(|v| !v.is_empty())),
+        })
+        .collect()
+}
+
+struct ClaimPicker<'n> {
+    names: &'n [&'n str],
+}
+
+impl<'de> de::DeserializeSeed<'de> for ClaimPicker<'_> {
+    type Value = Vec<Option<String>>;
+
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
+        d.deserialize_map(self)
+    }
+}
+
+impl<'de> de::Visitor<'de> for ClaimPicker<'_> {
+    type Value = Vec<Option<String>>;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("a JSON object of claims")
+    }
+
+    fn visit_map<A: de::MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+        let mut values = vec![None; self.names.len()];
+        let mut seen = vec![false; self.names.len()];
+        while let Some(key) = map.next_key::<std::borrow::Cow<'de, str>>()? {
+            let Some(i) = self.names.iter().position(|n| *n == key) else {
+                map.next_value::<de::IgnoredAny>()?;
+                continue;
+            };
+            if std::mem::replace(&mut seen[i], true) {
+                return Err(de::Error::custom("a forwarded claim is written twice"));
+            }
+            values[i] = match map.next_value::<serde_json::Value>()? {
+                serde_json::Value::String(s) => Some(s),
+                serde_json::Value::Number(n) => Some(n.to_string()),
+                _ => None,
+            };
+        }
+        Ok(values)
+    }
+}
+
 /// Parses a JSON object, and only an object: serde would also fill a struct from a JSON
 /// array, position by position, and a signed array is not a JOSE header or a claims set.
 fn json_object<T: DeserializeOwned>(json: &[u8]) -> Option<T> {
@@ -249,6 +313,42 @@ mod tests {
 
     fn token(header: &str, claims: &str) -> String {
         format!("{}.{}.c2ln", b64(header), b64(claims))
+    }
+
+    #[test]
+    fn claim_values_reads_strings_and_numbers_and_refuses_control_characters() {
+        let t = token(
+            r#"{"alg":"RS256"}"#,
+            r#"{"a":"x","n":42,"f":1.5,"z":null,"e":"","b":true,"o":{"k":1}}"#,
+        );
+        let got = claim_values(&t, &["a", "n", "f", "z", "e", "b", "o", "missing"]).unwrap();
+        assert_eq!(
+            got,
+            vec![
+                Some("x".into()),
+                Some("42".into()),
+                Some("1.5".into()),
+                None,
+                None,
+                None,
+                None,
+                None
+            ]
+        );
+        for bad in [r#"{"a":"x\ny"}"#, r#"{"a":"x\u0000"}"#, r#"{"a":"\u007f"}"#] {
+            let t = token(r#"{"alg":"RS256"}"#, bad);
+            assert_eq!(
+                claim_values(&t, &["a"]).unwrap_err().reason,
+                DenyReason::MalformedToken,
+                "{bad}"
+            );
+        }
+        // A control character in a claim that is not forwarded does not matter here.
+        let t = token(r#"{"alg":"RS256"}"#, r#"{"a":"ok","b":"x\ny"}"#);
+        assert_eq!(claim_values(&t, &["a"]).unwrap(), vec![Some("ok".into())]);
+        // A forwarded claim written twice is ambiguous.
+        let t = token(r#"{"alg":"RS256"}"#, r#"{"a":"1","a":"2"}"#);
+        assert!(claim_values(&t, &["a"]).is_err());
     }
 
     #[test]

@@ -55,9 +55,10 @@ struct Table<'k> {
     cases: Vec<Case>,
 }
 
-const STD_HEADERS: [(&str, &str); 3] = [
+const STD_HEADERS: [(&str, &str); 4] = [
     ("x-gitlab-realm", "self-managed"),
     ("x-gitlab-instance-id", INSTANCE),
+    ("x-gitlab-authentication-type", "oidc"),
     ("x-gitlab-version", "17.5.0-ee"),
 ];
 

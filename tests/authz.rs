@@ -23,6 +23,9 @@ use tonic::transport::Channel;
 const AUDIENCE: &str = "gitlab-ai-gateway";
 const INSTANCE: &str = "test-instance-id";
 const CODE: &str = "/ai/v2/code/completions";
+const GENERATIONS: &str = "/ai/v2/code/generations";
+/// The audience of the backend in `mode: dry_run`.
+const DRY_AUDIENCE: &str = "dry-run-backend";
 
 struct Harness {
     running: Running,
@@ -77,6 +80,24 @@ backends:
         unit_primitive_header: x-gitlab-unit-primitive
       - prefix: /ai/monitoring/
         public: true
+      - path: /ai/v2/code/generations
+        methods: [POST]
+        require_any: [generate_code, code_suggestions]
+        user_tokens: false
+    forward_claims:
+      gitlab_instance_id: x-gitlab-authz-instance-id
+      gitlab_realm: x-gitlab-authz-realm
+      gitlab_root_namespace_id: x-gitlab-authz-root-namespace-id
+  - name: dry
+    audience: {DRY_AUDIENCE}
+    mode: dry_run
+    forward_claims:
+      gitlab_instance_id: x-gitlab-authz-instance-id
+    routes:
+      - prefix: /dry/
+        require: [duo_chat]
+      - path: /dry/open
+        public: true
 ",
             a = a.url(),
             b = b.url(),
@@ -125,6 +146,7 @@ backends:
             ("authorization", bearer.as_str()),
             ("x-gitlab-realm", "self-managed"),
             ("x-gitlab-instance-id", INSTANCE),
+            ("x-gitlab-authentication-type", "oidc"),
             ("x-gitlab-version", "17.5.0-ee"),
         ];
         for (k, v) in extra {
@@ -295,6 +317,7 @@ async fn routing_denies_with_no_route_and_bad_path() {
         &[
             ("authorization", &bearer),
             ("x-gitlab-instance-id", INSTANCE),
+            ("x-gitlab-authentication-type", "oidc"),
             ("x-gitlab-realm", "self-managed"),
         ],
     )
@@ -586,6 +609,11 @@ async fn instance_headers_must_match_the_claims() {
     h.check_token(CODE, &t, &[("x-gitlab-authentication-type", "oidc")])
         .await
         .assert_allowed();
+    // Required: GitLab instances always send it, and the AI gateway refuses a request
+    // without it.
+    h.check_token(CODE, &t, &[("x-gitlab-authentication-type", "")])
+        .await
+        .assert_denied(401, "header_mismatch");
     // Without the optional claims, only sub (the instance id) has to match.
     let plain = test_key(1).sign(&with(
         claims(&h.a.url(), AUDIENCE, &["complete_code"], now() + 600),
@@ -595,6 +623,22 @@ async fn instance_headers_must_match_the_claims() {
         .await
         .assert_allowed();
     h.check_token(CODE, &plain, &[("x-gitlab-instance-id", "other")])
+        .await
+        .assert_denied(401, "header_mismatch");
+    // A claim that is the empty string counts as absent, as it does for null: no header
+    // is compared with it.
+    let empty = test_key(1).sign(&with(
+        claims(&h.a.url(), AUDIENCE, &["complete_code"], now() + 600),
+        json!({"gitlab_realm": "", "gitlab_instance_id": ""}),
+    ));
+    h.check_token(CODE, &empty, &[("x-gitlab-realm", "")])
+        .await
+        .assert_allowed();
+    h.check_token(CODE, &empty, &[("x-gitlab-realm", "saas")])
+        .await
+        .assert_allowed();
+    // sub still names the instance.
+    h.check_token(CODE, &empty, &[("x-gitlab-instance-id", "other")])
         .await
         .assert_denied(401, "header_mismatch");
     h.running.shutdown().await;
@@ -611,21 +655,22 @@ async fn a_user_token_must_match_the_global_user_id() {
     let bearer = format!("Bearer {user}");
     let auth = ("authorization", bearer.as_str());
     let version = ("x-gitlab-version", "17.5.0");
+    let oidc = ("x-gitlab-authentication-type", "oidc");
     h.check(
         "POST",
         CODE,
-        &[auth, version, ("x-gitlab-global-user-id", "user-42")],
+        &[auth, version, oidc, ("x-gitlab-global-user-id", "user-42")],
     )
     .await
     .assert_allowed();
     h.check(
         "POST",
         CODE,
-        &[auth, version, ("x-gitlab-global-user-id", "user-43")],
+        &[auth, version, oidc, ("x-gitlab-global-user-id", "user-43")],
     )
     .await
     .assert_denied(401, "header_mismatch");
-    h.check("POST", CODE, &[auth, version])
+    h.check("POST", CODE, &[auth, version, oidc])
         .await
         .assert_denied(401, "header_mismatch");
     h.running.shutdown().await;
@@ -762,5 +807,284 @@ async fn readiness_lists_the_issuers_without_keys() {
         status,
         tonic_health::pb::health_check_response::ServingStatus::NotServing as i32
     );
+    h.running.shutdown().await;
+}
+
+/// A user token: minted by the AI gateway itself (iss and aud are its own name), for `user`.
+fn user_token(user: &str, scopes: &[&str]) -> String {
+    test_key(3).sign(&json!({
+        "iss": AUDIENCE, "aud": AUDIENCE, "sub": user, "exp": now() + 600, "iat": now(),
+        "scopes": scopes,
+    }))
+}
+
+#[tokio::test]
+async fn require_any_needs_one_of_its_unit_primitives() {
+    let h = Harness::start().await;
+    for scopes in [
+        &["generate_code"][..],
+        &["code_suggestions"],
+        &["duo_chat", "generate_code"],
+    ] {
+        h.check_token(GENERATIONS, &token(&test_key(1), &h.a.url(), scopes), &[])
+            .await
+            .assert_allowed();
+    }
+    let out = h
+        .check_token(
+            GENERATIONS,
+            &token(&test_key(1), &h.a.url(), &["complete_code"]),
+            &[],
+        )
+        .await;
+    out.assert_denied(403, "insufficient_scope");
+    let message = out.body["message"].as_str().unwrap();
+    assert!(
+        message.contains("generate_code") && message.contains("code_suggestions"),
+        "{message}"
+    );
+    h.check_token(GENERATIONS, &token(&test_key(1), &h.a.url(), &[]), &[])
+        .await
+        .assert_denied(403, "insufficient_scope");
+    h.running.shutdown().await;
+}
+
+#[tokio::test]
+async fn user_tokens_false_refuses_user_tokens_after_the_header_checks() {
+    let h = Harness::start().await;
+    let user = user_token("user-42", &["generate_code", "complete_code"]);
+    let bearer = format!("Bearer {user}");
+    let headers = |user_id: &'static str| {
+        vec![
+            ("authorization", bearer.clone()),
+            ("x-gitlab-authentication-type", "oidc".to_owned()),
+            ("x-gitlab-global-user-id", user_id.to_owned()),
+            ("x-gitlab-version", "17.5.0".to_owned()),
+        ]
+    };
+    let check = |path: &'static str, headers: Vec<(&'static str, String)>| {
+        let h = &h;
+        async move {
+            let headers: Vec<(&str, &str)> =
+                headers.iter().map(|(k, v)| (*k, v.as_str())).collect();
+            h.check("POST", path, &headers).await
+        }
+    };
+    // Refused where GitLab refuses user tokens (disallowed_issuers), even with the scope.
+    let out = check(GENERATIONS, headers("user-42")).await;
+    out.assert_denied(403, "user_token_refused");
+    assert_eq!(
+        out.headers["www-authenticate"],
+        "Bearer realm=\"connector-authz\", error=\"insufficient_scope\""
+    );
+    // The header checks come first: a user token for someone else is a 401.
+    check(GENERATIONS, headers("user-43"))
+        .await
+        .assert_denied(401, "header_mismatch");
+    // The same token where user tokens are accepted.
+    check(CODE, headers("user-42")).await.assert_allowed();
+    // An instance token on the refusing route.
+    h.check_token(
+        GENERATIONS,
+        &token(&test_key(1), &h.a.url(), &["generate_code"]),
+        &[],
+    )
+    .await
+    .assert_allowed();
+    h.running.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_header_named_unit_primitive_must_be_delivered_by_the_backend_service() {
+    let h = Harness::start().await;
+    // duo_workflow_execute_workflow is a known unit primitive that the registry lists for
+    // the Duo Workflow service only; the token grants it, the AI gateway does not serve it.
+    let t = token(
+        &test_key(1),
+        &h.a.url(),
+        &["duo_workflow_execute_workflow", "duo_chat"],
+    );
+    let proxy = "/ai/v1/proxy/anthropic/v1/messages";
+    let out = h
+        .check_token(
+            proxy,
+            &t,
+            &[("x-gitlab-unit-primitive", "duo_workflow_execute_workflow")],
+        )
+        .await;
+    out.assert_denied(400, "bad_unit_primitive");
+    assert!(
+        out.body["message"]
+            .as_str()
+            .unwrap()
+            .contains("does not deliver"),
+        "{out:?}"
+    );
+    h.check_token(proxy, &t, &[("x-gitlab-unit-primitive", "duo_chat")])
+        .await
+        .assert_allowed();
+    h.running.shutdown().await;
+}
+
+#[tokio::test]
+async fn forward_claims_copy_claims_to_upstream_headers() {
+    let h = Harness::start().await;
+    let out = h
+        .check_token(
+            CODE,
+            &token(&test_key(1), &h.a.url(), &["complete_code"]),
+            &[("x-gitlab-authz-instance-id", "smuggled")],
+        )
+        .await;
+    out.assert_allowed();
+    assert_eq!(out.headers["x-gitlab-authz-instance-id"], INSTANCE);
+    assert_eq!(out.headers["x-gitlab-authz-realm"], "self-managed");
+    // A number is forwarded as its JSON text; an absent claim removes the header, so a
+    // client-sent copy never reaches the backend.
+    let numeric = test_key(1).sign(&with(
+        claims(&h.a.url(), AUDIENCE, &["complete_code"], now() + 600),
+        json!({"gitlab_root_namespace_id": 12345, "gitlab_realm": null}),
+    ));
+    let out = h
+        .check_token(CODE, &numeric, &[("x-gitlab-authz-realm", "smuggled")])
+        .await;
+    out.assert_allowed();
+    assert_eq!(out.headers["x-gitlab-authz-root-namespace-id"], "12345");
+    assert!(!out.headers.contains_key("x-gitlab-authz-realm"), "{out:?}");
+    assert!(
+        out.removed.iter().any(|r| r == "x-gitlab-authz-realm"),
+        "{out:?}"
+    );
+    // A control character in a forwarded claim could split or forge a header.
+    for value in ["42\r\nx-gitlab-authz-subject: admin", "42\u{0}", "\u{7f}"] {
+        let control = test_key(1).sign(&with(
+            claims(&h.a.url(), AUDIENCE, &["complete_code"], now() + 600),
+            json!({ "gitlab_root_namespace_id": value }),
+        ));
+        h.check_token(CODE, &control, &[])
+            .await
+            .assert_denied(401, "malformed_token");
+    }
+    // A public route of the backend removes the forwarded headers.
+    let out = h
+        .check(
+            "GET",
+            "/ai/monitoring/health",
+            &[("x-gitlab-authz-instance-id", "smuggled")],
+        )
+        .await;
+    out.assert_allowed();
+    assert!(
+        out.removed
+            .iter()
+            .any(|r| r == "x-gitlab-authz-instance-id"),
+        "{out:?}"
+    );
+    h.running.shutdown().await;
+}
+
+/// `connector_authz_checks_total` for these labels, from the admin listener.
+async fn checks_total(h: &Harness, decision: &str, reason: &str, backend: &str) -> f64 {
+    let body = reqwest::Client::new()
+        .get(format!("http://{}/metrics", h.running.admin_addr))
+        .send()
+        .await
+        .expect("GET /metrics")
+        .text()
+        .await
+        .expect("metrics body");
+    let series = format!(
+        r#"connector_authz_checks_total{{decision="{decision}",reason="{reason}",backend="{backend}"}} "#
+    );
+    body.lines()
+        .find_map(|l| l.strip_prefix(series.as_str()))
+        .map_or(0.0, |v| v.trim().parse().expect("a number"))
+}
+
+#[tokio::test]
+async fn a_dry_run_backend_allows_what_it_would_deny_and_says_why() {
+    let h = Harness::start().await;
+    let dry =
+        |scopes: &[&str]| test_key(1).sign(&claims(&h.a.url(), DRY_AUDIENCE, scopes, now() + 600));
+    // No token: allowed, carrying the reason; no identity reaches the backend.
+    let out = h
+        .check(
+            "POST",
+            "/dry/x",
+            &[
+                ("x-gitlab-authz-subject", "admin"),
+                ("x-gitlab-authz-instance-id", "smuggled"),
+                ("x-gitlab-authz-dry-run", "forged"),
+            ],
+        )
+        .await;
+    out.assert_allowed();
+    assert_eq!(out.headers["x-gitlab-authz-dry-run"], "missing_token");
+    assert!(
+        !out.headers.contains_key("x-gitlab-authz-subject"),
+        "{out:?}"
+    );
+    for header in ["x-gitlab-authz-subject", "x-gitlab-authz-instance-id"] {
+        assert!(out.removed.iter().any(|r| r == header), "{header}: {out:?}");
+    }
+    // A valid token without the unit primitive: allowed, insufficient_scope reported.
+    let out = h.check_token("/dry/x", &dry(&["complete_code"]), &[]).await;
+    out.assert_allowed();
+    assert_eq!(out.headers["x-gitlab-authz-dry-run"], "insufficient_scope");
+    // Header and audience checks too.
+    let out = h
+        .check_token("/dry/x", &dry(&["duo_chat"]), &[("x-gitlab-realm", "saas")])
+        .await;
+    assert_eq!(out.headers["x-gitlab-authz-dry-run"], "header_mismatch");
+    let out = h
+        .check_token(
+            "/dry/x",
+            &token(&test_key(1), &h.a.url(), &["duo_chat"]),
+            &[],
+        )
+        .await;
+    assert_eq!(out.headers["x-gitlab-authz-dry-run"], "wrong_audience");
+    // What enforcing would allow is a plain allow: identity set, a client's dry-run header
+    // removed.
+    let out = h
+        .check_token(
+            "/dry/x",
+            &dry(&["duo_chat"]),
+            &[("x-gitlab-authz-dry-run", "forged")],
+        )
+        .await;
+    out.assert_allowed();
+    assert_eq!(out.headers["x-gitlab-authz-subject"], INSTANCE);
+    assert_eq!(out.headers["x-gitlab-authz-instance-id"], INSTANCE);
+    assert!(
+        !out.headers.contains_key("x-gitlab-authz-dry-run"),
+        "{out:?}"
+    );
+    assert!(
+        out.removed.iter().any(|r| r == "x-gitlab-authz-dry-run"),
+        "{out:?}"
+    );
+    // A path that is not canonical is refused even in dry run.
+    h.check_token("/dry/a%2fb", &dry(&[]), &[])
+        .await
+        .assert_denied(400, "bad_path");
+    // An enforcing backend still denies.
+    h.check("POST", CODE, &[])
+        .await
+        .assert_denied(401, "missing_token");
+    // Counted apart from allows and denies.
+    assert_eq!(
+        checks_total(&h, "dry_run", "missing_token", "dry").await,
+        1.0
+    );
+    assert_eq!(
+        checks_total(&h, "dry_run", "insufficient_scope", "dry").await,
+        1.0
+    );
+    assert_eq!(
+        checks_total(&h, "dry_run", "wrong_audience", "dry").await,
+        1.0
+    );
+    assert_eq!(checks_total(&h, "allow", "valid_token", "dry").await, 1.0);
     h.running.shutdown().await;
 }

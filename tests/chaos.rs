@@ -60,6 +60,10 @@ fn request(token: &str) -> CheckRequest {
         ("authorization".to_string(), format!("Bearer {token}")),
         ("x-gitlab-realm".to_string(), "self-managed".to_string()),
         (
+            "x-gitlab-authentication-type".to_string(),
+            "oidc".to_string(),
+        ),
+        (
             "x-gitlab-instance-id".to_string(),
             "test-instance-id".to_string(),
         ),

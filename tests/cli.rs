@@ -140,6 +140,10 @@ fn serve_dev_answers_checks_on_the_embedded_default() {
             "POST",
             "--header",
             "x-gitlab-instance-id:dev-instance",
+            "--header",
+            "x-gitlab-realm:self-managed",
+            "--header",
+            "x-gitlab-authentication-type:oidc",
             "--token",
             &token,
         ];
@@ -459,6 +463,7 @@ fn mint_and_check_against_serve_with_a_config() {
         &[
             "x-gitlab-instance-id:instance-9",
             "x-gitlab-realm:self-managed",
+            "x-gitlab-authentication-type:oidc",
         ],
     );
     assert_eq!(allowed.status.code(), Some(0), "{}", text(&allowed.stdout));
@@ -481,6 +486,7 @@ fn mint_and_check_against_serve_with_a_config() {
         &[
             "x-gitlab-instance-id:instance-9",
             "x-gitlab-realm:self-managed",
+            "x-gitlab-authentication-type:oidc",
         ],
     );
     assert!(
@@ -570,5 +576,33 @@ fn the_deployment_manifest_arguments_parse() {
     assert!(
         Duration::from_secs(grace) > shutdown_delay + drain_timeout,
         "terminationGracePeriodSeconds {grace} does not cover {shutdown_delay:?} + {drain_timeout:?}"
+    );
+}
+
+/// Every `*.yaml` under `config/` is a configuration a user can start from: it must pass
+/// `check-config` exactly as shipped (templates live elsewhere, such as the dev mode's).
+#[test]
+fn every_shipped_config_passes_check_config() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("config");
+    let mut checked = Vec::new();
+    for entry in std::fs::read_dir(&dir).expect("config/ is readable") {
+        let path = entry.expect("a directory entry").path();
+        if path.extension().and_then(|e| e.to_str()) != Some("yaml") {
+            continue;
+        }
+        let out = run(&["check-config", "--config", path.to_str().unwrap()]);
+        assert_eq!(
+            out.status.code(),
+            Some(0),
+            "check-config {}:\n{}{}",
+            path.display(),
+            text(&out.stdout),
+            text(&out.stderr)
+        );
+        checked.push(path);
+    }
+    assert!(
+        checked.iter().any(|p| p.ends_with("connector-authz.yaml")),
+        "config/connector-authz.yaml is shipped and checked: {checked:?}"
     );
 }

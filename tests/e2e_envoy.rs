@@ -28,6 +28,7 @@ use axum::Router;
 use axum::http::{HeaderMap, Method, Uri};
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use connector_authz::dev::DevKey;
 use serde_json::{Value, json};
 use support::{FakeIssuer, claims, now, test_key};
 
@@ -36,10 +37,13 @@ const WAIT: Duration = Duration::from_secs(20);
 const REPO: &str = env!("CARGO_MANIFEST_DIR");
 const AUTHZ_BIN: &str = env!("CARGO_BIN_EXE_connector-authz");
 const AUDIENCE: &str = "gitlab-ai-gateway";
+/// The audience of the backend in `mode: dry_run`.
+const DRY_AUDIENCE: &str = "dry-run-backend";
 /// Sent with every token request: the claims from `support::claims` name this instance.
-const INSTANCE_HEADERS: [(&str, &str); 2] = [
+const INSTANCE_HEADERS: [(&str, &str); 3] = [
     ("x-gitlab-realm", "self-managed"),
     ("x-gitlab-instance-id", "test-instance-id"),
+    ("x-gitlab-authentication-type", "oidc"),
 ];
 
 // ---------------------------------------------------------------------------------------
@@ -249,8 +253,9 @@ impl Drop for Echo {
 /// connector-authz's routes. They carry the `/ai` prefix: ext_authz is asked before Envoy's
 /// `prefix_rewrite` (see the module docs). `/monitoring/` exists only to tell the two paths
 /// apart: were connector-authz asked about the rewritten path, `/ai/monitoring/x` would need
-/// a token.
-fn authz_config(issuer: &str, grpc: u16, admin: u16) -> String {
+/// a token. The user tokens the AI gateway mints (issuer = its audience) are verified with
+/// key 3 from `user_jwks`; `/ai/dry/` belongs to a backend in `mode: dry_run`.
+fn authz_config(issuer: &str, grpc: u16, admin: u16, user_jwks: &Path) -> String {
     format!(
         "\
 listen:
@@ -258,20 +263,28 @@ listen:
   admin: 127.0.0.1:{admin}
 issuers:
   - url: {issuer}
+  - url: {AUDIENCE}
+    jwks_file: {user_jwks}
 keys:
   fetch_timeout: 2s
 tokens:
   algorithms: [RS256]
   leeway: 30s
+unit_primitives: {REPO}/config/cloud_connector
 backends:
   - name: ai_gateway
     audience: {AUDIENCE}
     routes:
       - prefix: /ai/v2/code/
         require: [code_suggestions]
+      - path: /ai/v2/code/generations
+        require_any: [generate_code, code_suggestions]
+        user_tokens: false
       - path: /ai/v1/chat/agent
         methods: [POST]
         require: [duo_chat]
+      - prefix: /ai/v1/proxy/
+        unit_primitive_header: x-gitlab-unit-primitive
       - prefix: /ai/monitoring/
         public: true
       - prefix: /monitoring/
@@ -285,7 +298,17 @@ backends:
         require: [duo_chat]
       - prefix: /ai/v2/
         require: [code_suggestions]
-"
+    forward_claims:
+      gitlab_instance_id: x-gitlab-authz-instance-id
+      gitlab_root_namespace_id: x-gitlab-authz-root-namespace-id
+  - name: dry
+    audience: {DRY_AUDIENCE}
+    mode: dry_run
+    routes:
+      - prefix: /ai/dry/
+        require: [duo_chat]
+",
+        user_jwks = user_jwks.display(),
     )
 }
 
@@ -365,9 +388,15 @@ impl Stack {
         let obs = Echo::start("obs").await;
         let dir = tempfile::tempdir().expect("temp dir");
         let (authz_grpc, authz_admin) = (free_port(), free_port());
+        let user_jwks = dir.path().join("user-jwks.json");
+        std::fs::write(
+            &user_jwks,
+            DevKey::key_set_json(&[&test_key(3)]).to_string(),
+        )
+        .expect("write the user token key set");
         std::fs::write(
             dir.path().join("connector-authz.yaml"),
-            authz_config(&issuer.url(), authz_grpc, authz_admin),
+            authz_config(&issuer.url(), authz_grpc, authz_admin, &user_jwks),
         )
         .expect("write connector-authz config");
 
@@ -787,9 +816,6 @@ async fn connector_authz_down_gives_503_and_envoy_recovers_when_it_is_back() {
     }
 }
 
-/// `tests/e2e/validate_manifests.sh`: the Envoy templates (`envoy --mode validate`), the
-/// Kubernetes manifests (`kubernetes-validate --strict`), the Istio resources, the Dockerfile
-/// and `connector-authz check-config` on the ConfigMap, all without a cluster.
 /// The review's spellings of a protected path, through the real Envoy (whose
 /// `normalize_path` and `merge_slashes` run first) and connector-authz. With
 /// `path: /ai/v1/models/m:generate` (duo_chat) under `prefix: /ai/v1/` (code_suggestions),
@@ -874,6 +900,177 @@ async fn no_spelling_of_a_protected_path_reaches_a_broader_route() {
     assert_denied(&reply, 401, "missing_token", None, None);
 }
 
+/// The decision rows that issue 11 changed, through Envoy: the authentication type header
+/// is required, an empty claim is not compared, `require_any`, `user_tokens: false`, a
+/// header-named unit primitive of another backend service, `forward_claims` and
+/// `mode: dry_run`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cloud_connector_rows_reach_envoy_as_designed() {
+    let Some(envoy) = envoy_or_skip("the_cloud_connector_rows_reach_envoy_as_designed") else {
+        return;
+    };
+    let stack = Stack::start(&envoy).await;
+    let iss = stack.issuer.url();
+    let code = "/ai/v2/code/completions";
+    let good = token(&stack.issuer, &["code_suggestions"]);
+    let bearer = format!("Bearer {good}");
+
+    // x-gitlab-authentication-type is required.
+    let without_type: Vec<(&str, &str)> = [("authorization", bearer.as_str())]
+        .into_iter()
+        .chain(
+            INSTANCE_HEADERS
+                .into_iter()
+                .filter(|(k, _)| *k != "x-gitlab-authentication-type"),
+        )
+        .collect();
+    let reply = stack.get(code, &without_type).await;
+    assert_denied(
+        &reply,
+        401,
+        "header_mismatch",
+        Some("invalid_token"),
+        Some(&good),
+    );
+
+    // Empty realm and instance claims are not compared with their headers.
+    let empty = token_with(&iss, &["code_suggestions"], |c| {
+        c["gitlab_realm"] = json!("");
+        c["gitlab_instance_id"] = json!("");
+    });
+    stack
+        .get_with(code, &empty, &[("x-gitlab-realm", "saas")])
+        .await
+        .echoed();
+
+    // require_any: one of them is enough, none is 403.
+    let generations = "/ai/v2/code/generations";
+    stack
+        .get_with(generations, &token(&stack.issuer, &["generate_code"]), &[])
+        .await
+        .echoed();
+    let chat_only = token(&stack.issuer, &["duo_chat"]);
+    let reply = stack.get_with(generations, &chat_only, &[]).await;
+    assert_denied(
+        &reply,
+        403,
+        "insufficient_scope",
+        Some("insufficient_scope"),
+        Some(&chat_only),
+    );
+
+    // user_tokens: false refuses a user token the other routes accept.
+    let user = test_key(3).sign(&json!({
+        "iss": AUDIENCE, "aud": AUDIENCE, "sub": "user-42", "iat": now(), "exp": now() + 600,
+        "scopes": ["code_suggestions", "generate_code"],
+    }));
+    let user_bearer = format!("Bearer {user}");
+    let user_headers = [
+        ("authorization", user_bearer.as_str()),
+        ("x-gitlab-authentication-type", "oidc"),
+        ("x-gitlab-global-user-id", "user-42"),
+    ];
+    let reply = stack.get(generations, &user_headers).await;
+    assert_denied(
+        &reply,
+        403,
+        "user_token_refused",
+        Some("insufficient_scope"),
+        Some(&user),
+    );
+    stack.get(code, &user_headers).await.echoed();
+
+    // A header-named unit primitive that the registry lists for another backend service.
+    let workflow = token(&stack.issuer, &["duo_workflow_execute_workflow"]);
+    let reply = stack
+        .get_with(
+            "/ai/v1/proxy/anthropic",
+            &workflow,
+            &[("x-gitlab-unit-primitive", "duo_workflow_execute_workflow")],
+        )
+        .await;
+    assert_eq!(reply.status, 400, "{reply:?}");
+    assert_eq!(reply.json()["error"], "bad_unit_primitive", "{reply:?}");
+
+    // forward_claims: the claim replaces what the client sent ...
+    let echo = stack
+        .get_with(code, &good, &[("x-gitlab-authz-instance-id", "smuggled")])
+        .await
+        .echoed();
+    assert_eq!(
+        echo["headers"]["x-gitlab-authz-instance-id"], "test-instance-id",
+        "{echo}"
+    );
+    // ... and is removed on a public route.
+    let echo = stack
+        .get(
+            "/ai/monitoring/health",
+            &[("x-gitlab-authz-instance-id", "smuggled")],
+        )
+        .await
+        .echoed();
+    assert!(
+        echo["headers"].get("x-gitlab-authz-instance-id").is_none(),
+        "{echo}"
+    );
+    // A control character in a forwarded claim denies.
+    let control = token_with(&iss, &["code_suggestions"], |c| {
+        c["gitlab_root_namespace_id"] = json!("42\r\nx-gitlab-authz-subject: admin");
+    });
+    let reply = stack.get_with(code, &control, &[]).await;
+    assert_denied(
+        &reply,
+        401,
+        "malformed_token",
+        Some("invalid_token"),
+        Some(&control),
+    );
+    // A number is forwarded as its JSON text.
+    let numeric = token_with(&iss, &["code_suggestions"], |c| {
+        c["gitlab_root_namespace_id"] = json!(42);
+    });
+    let echo = stack.get_with(code, &numeric, &[]).await.echoed();
+    assert_eq!(
+        echo["headers"]["x-gitlab-authz-root-namespace-id"], "42",
+        "{echo}"
+    );
+
+    // mode: dry_run allows what it would deny, and tells the backend why.
+    let echo = stack
+        .get("/ai/dry/x", &[("x-gitlab-authz-subject", "forged")])
+        .await
+        .echoed();
+    assert_eq!(echo["path"], "/dry/x", "{echo}");
+    assert_eq!(
+        echo["headers"]["x-gitlab-authz-dry-run"], "missing_token",
+        "{echo}"
+    );
+    assert!(
+        echo["headers"].get("x-gitlab-authz-subject").is_none(),
+        "{echo}"
+    );
+    let dry_token = token_with(&iss, &["duo_chat"], |c| c["aud"] = json!(DRY_AUDIENCE));
+    let echo = stack
+        .get_with(
+            "/ai/dry/x",
+            &dry_token,
+            &[("x-gitlab-authz-dry-run", "forged")],
+        )
+        .await
+        .echoed();
+    assert!(
+        echo["headers"].get("x-gitlab-authz-dry-run").is_none(),
+        "{echo}"
+    );
+    assert_eq!(
+        echo["headers"]["x-gitlab-authz-subject"], "test-instance-id",
+        "{echo}"
+    );
+}
+
+/// `tests/e2e/validate_manifests.sh`: the Envoy templates (`envoy --mode validate`), the
+/// Kubernetes manifests (`kubernetes-validate --strict`), the Istio resources, the Dockerfile
+/// and `connector-authz check-config` on the ConfigMap, all without a cluster.
 #[test]
 fn envoy_kubernetes_and_istio_manifests_validate() {
     if venv_python().is_none() {

@@ -28,6 +28,9 @@ const AUDIENCE: &str = "gitlab-ai-gateway";
 const INSTANCE: &str = "test-instance-id";
 const CODE: &str = "/ai/v2/code/completions";
 const PROXY: &str = "/ai/v1/proxy/vertex-ai";
+const GENERATIONS: &str = "/ai/v2/code/generations";
+/// A path of the backend in `mode: dry_run`.
+const DRY: &str = "/dry/x";
 
 /// One request: method, path, headers, and the token (sent as `Authorization: Bearer`).
 struct Row {
@@ -46,6 +49,7 @@ fn row(name: &'static str, path: &'static str, token: Option<String>) -> Row {
         headers: vec![
             ("x-gitlab-realm", "self-managed".into()),
             ("x-gitlab-instance-id", INSTANCE.into()),
+            ("x-gitlab-authentication-type", "oidc".into()),
             ("x-gitlab-version", "17.5.0-ee".into()),
         ],
         token,
@@ -104,6 +108,10 @@ fn rows(a: &str, b: &str, down: &str) -> Vec<Row> {
     let user = test_key(3).sign(&json!({
         "iss": AUDIENCE, "aud": AUDIENCE, "sub": "user-42", "exp": now() + 600, "iat": now(),
         "scopes": ["complete_code"],
+    }));
+    let user_generate = test_key(3).sign(&json!({
+        "iss": AUDIENCE, "aud": AUDIENCE, "sub": "user-42", "exp": now() + 600, "iat": now(),
+        "scopes": ["generate_code"],
     }));
     let explain = k1.sign(&claims(
         a,
@@ -185,6 +193,36 @@ fn rows(a: &str, b: &str, down: &str) -> Vec<Row> {
             .with("x-gitlab-unit-primitive", "duo_chat"),
         row("unit primitive granted", PROXY, Some(explain))
             .with("x-gitlab-unit-primitive", "explain_vulnerability"),
+        row(
+            "user token where user tokens are refused",
+            GENERATIONS,
+            Some(user_generate),
+        )
+        .with("x-gitlab-global-user-id", "user-42"),
+        row(
+            "one of require_any",
+            GENERATIONS,
+            Some(sign(json!({"scopes": ["code_suggestions"]}))),
+        ),
+        row(
+            "none of require_any",
+            GENERATIONS,
+            Some(sign(json!({"scopes": ["complete_code"]}))),
+        ),
+        row("dry run, no token", DRY, None),
+        row(
+            "dry run, wrong audience",
+            DRY,
+            Some(sign(json!({"scopes": ["duo_chat"]}))),
+        ),
+        row(
+            "dry run, what enforcing allows",
+            DRY,
+            Some(sign(
+                json!({"scopes": ["duo_chat"], "aud": "dry-run-backend"}),
+            )),
+        ),
+        row("dry run, bad path", "/dry/a%2fb", None),
         row("old gitlab", CODE, Some(good.clone())).with("x-gitlab-version", "16.10.1-ee"),
         row("no gitlab version", CODE, Some(good)).with("x-gitlab-version", ""),
     ]
@@ -214,7 +252,18 @@ async fn server_answer(client: &AuthorizationClient<tonic::transport::Channel>, 
         .expect("Check succeeds")
         .into_inner();
     match response.http_response {
-        Some(check_response::HttpResponse::OkResponse(_)) => "allow".into(),
+        Some(check_response::HttpResponse::OkResponse(ok)) => {
+            // A dry-run allow names the denial it stands for.
+            let dry_run = ok
+                .headers
+                .iter()
+                .filter_map(|h| h.header.as_ref())
+                .find(|h| h.key == "x-gitlab-authz-dry-run");
+            match dry_run {
+                Some(h) => format!("dry_run {}", h.value),
+                None => "allow".into(),
+            }
+        }
         Some(check_response::HttpResponse::DeniedResponse(denied)) => {
             let body: Value = serde_json::from_str(&denied.body).expect("JSON body");
             body["error"].as_str().unwrap_or_default().to_owned()
@@ -245,6 +294,13 @@ fn explain_answer(config: &Path, r: &Row, fetch: bool) -> (String, i32, String) 
     let first = stdout.lines().next().unwrap_or_default();
     let answer = if first.starts_with("decision: allow") {
         "allow".to_owned()
+    } else if let Some(rest) = first.strip_prefix("decision: dry_run:") {
+        // decision: dry_run: ... enforcing would deny <status> <reason>
+        let reason = rest
+            .split_once("enforcing would deny ")
+            .and_then(|(_, tail)| tail.split_whitespace().nth(1))
+            .unwrap_or("?");
+        format!("dry_run {reason}")
     } else {
         // decision: deny <status> <reason>
         first.split_whitespace().nth(3).unwrap_or("?").to_owned()
@@ -292,6 +348,15 @@ backends:
         unit_primitive_header: x-gitlab-unit-primitive
       - prefix: /ai/monitoring/
         public: true
+      - path: /ai/v2/code/generations
+        require_any: [generate_code, code_suggestions]
+        user_tokens: false
+  - name: dry
+    audience: dry-run-backend
+    mode: dry_run
+    routes:
+      - prefix: /dry/
+        require: [duo_chat]
 ",
         a = a.url(),
         b = b.url(),
@@ -343,7 +408,8 @@ async fn explain_agrees_with_the_server_on_every_decision_table_row() {
                 "{} (fetch: {fetch}): explain says {answer}, the server {server}:\n{output}",
                 r.name
             );
-            assert_eq!(code, i32::from(server != "allow"), "{}: {output}", r.name);
+            let denied = server != "allow" && !server.starts_with("dry_run ");
+            assert_eq!(code, i32::from(denied), "{}: {output}", r.name);
             if let Some(token) = &r.token {
                 let signature = token.rsplit('.').next().unwrap_or_default();
                 assert!(
@@ -355,6 +421,13 @@ async fn explain_agrees_with_the_server_on_every_decision_table_row() {
             }
         }
         reached.insert(server);
+    }
+    for dry_run in [
+        "dry_run missing_token",
+        "dry_run wrong_audience",
+        "bad_path",
+    ] {
+        assert!(reached.contains(dry_run), "{dry_run}: {reached:?}");
     }
     for reason in DenyReason::ALL {
         assert!(

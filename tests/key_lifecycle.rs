@@ -59,6 +59,7 @@ backends:
         let headers = HashMap::from([
             ("authorization".to_owned(), format!("Bearer {token}")),
             ("x-gitlab-realm".to_owned(), "self-managed".to_owned()),
+            ("x-gitlab-authentication-type".to_owned(), "oidc".to_owned()),
             (
                 "x-gitlab-instance-id".to_owned(),
                 "test-instance-id".to_owned(),

@@ -84,6 +84,7 @@ async fn try_check(
     let mut headers = vec![
         ("x-gitlab-realm", "self-managed"),
         ("x-gitlab-instance-id", "test-instance-id"),
+        ("x-gitlab-authentication-type", "oidc"),
     ];
     if let Some(bearer) = &bearer {
         headers.push(("authorization", bearer));

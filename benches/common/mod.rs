@@ -169,6 +169,7 @@ pub fn envoy_headers(token: Option<&str>) -> HashMap<String, String> {
         ("x-request-id", "3b3c5d0e-8f2a-4c6b-9d1e-7a6f5e4d3c2b"),
         ("x-gitlab-realm", "self-managed"),
         ("x-gitlab-instance-id", INSTANCE),
+        ("x-gitlab-authentication-type", "oidc"),
         ("x-gitlab-global-user-id", "Rf8kBn7pS0x2dYq1"),
         ("x-gitlab-host-name", "gitlab.example.com"),
         ("x-gitlab-version", "17.5.0"),

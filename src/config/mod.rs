@@ -118,7 +118,44 @@ pub struct Backend {
     pub name: Arc<str>,
     /// The `aud` a token must hold for this backend.
     pub audience: Arc<str>,
+    /// The registry's backend service this backend is: named by `backend_service:`, or
+    /// the one whose `jwt_aud` is `audience`. `None` without a registry or a match.
+    pub backend_service: Option<Arc<str>>,
+    /// Claims copied to upstream headers on an allow (`forward_claims`).
+    pub forward_claims: Vec<ForwardClaim>,
+    pub mode: Mode,
 }
+
+/// One `forward_claims` entry: the claim `claim`, copied to the header `header`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ForwardClaim {
+    pub claim: Box<str>,
+    /// Lower case, a valid header name, none of the sidecar's own headers.
+    pub header: Box<str>,
+}
+
+/// Whether a backend's denials are enforced or only reported (`mode:`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Mode {
+    #[default]
+    Enforce,
+    /// Every denial but `bad_path` becomes an allow that carries `x-gitlab-authz-dry-run`.
+    DryRun,
+}
+
+/// Upstream headers the sidecar itself sets or removes; `forward_claims` may not name them.
+pub const RESERVED_HEADERS: [&str; 10] = [
+    "x-gitlab-authz-subject",
+    "x-gitlab-authz-issuer",
+    "x-gitlab-authz-scopes",
+    "x-gitlab-authz-unit-primitive",
+    "x-gitlab-authz-dry-run",
+    "authorization",
+    "host",
+    "content-length",
+    "transfer-encoding",
+    "connection",
+];
 
 impl Config {
     /// Reads, parses and validates a configuration file.
@@ -550,6 +587,30 @@ impl Compiler<'_> {
                     format!("backend {name} has no routes; list the paths it serves"),
                 ));
             }
+            let named_service = backend_service.map(|s| s.value.trim());
+            let backend_service: Option<Arc<str>> = match (backend_service, registry) {
+                (Some(bs), _) => Some(bs.value.trim().into()),
+                (None, Some(registry)) => registry
+                    .backend_services()
+                    .find(|s| *s.jwt_aud == *audience)
+                    .map(|s| s.name.as_str().into()),
+                (None, None) => None,
+            };
+            let forward_claims = self.forward_claims(name, b.forward_claims.as_ref())?;
+            let mode = match &b.mode {
+                None => Mode::Enforce,
+                Some(m) if m.value.trim() == "enforce" => Mode::Enforce,
+                Some(m) if m.value.trim() == "dry_run" => Mode::DryRun,
+                Some(m) => {
+                    return Err(self.err(
+                        m.line(),
+                        format!(
+                            "backend {name}: mode {:?} is not a mode; write enforce (the default) or dry_run",
+                            m.value
+                        ),
+                    ));
+                }
+            };
             let backend_index = backends.len();
             for route in &b.routes.value {
                 if routes.len() >= MAX_ROUTES {
@@ -558,18 +619,15 @@ impl Compiler<'_> {
                         format!("more than {MAX_ROUTES} routes; group paths under prefixes"),
                     ));
                 }
-                routes.push(self.route(
-                    route,
-                    backend_index,
-                    name,
-                    backend_service.map(|s| s.value.as_str()),
-                    registry,
-                )?);
+                routes.push(self.route(route, backend_index, name, named_service, registry)?);
                 route_lines.push(route.line());
             }
             backends.push(Backend {
                 name: name.into(),
                 audience,
+                backend_service,
+                forward_claims,
+                mode,
             });
         }
         let table = RouteTable::new(routes).map_err(|conflict| {
@@ -610,13 +668,17 @@ impl Compiler<'_> {
         };
         let public = r.public.as_ref().is_some_and(|p| p.value);
         let access = if public {
-            if r.require.is_some() || r.unit_primitive_header.is_some() {
-                return Err(self.err(line, format!("route {pattern} is public and also requires unit primitives; drop one of them")));
+            if r.require.is_some()
+                || r.require_any.is_some()
+                || r.unit_primitive_header.is_some()
+                || r.user_tokens.is_some()
+            {
+                return Err(self.err(line, format!("route {pattern} is public and also asks for a token (require, require_any, unit_primitive_header or user_tokens); drop one of them")));
             }
             Access::Public
         } else {
-            if r.require.is_none() && r.unit_primitive_header.is_none() {
-                return Err(self.err(line, format!("route {pattern}: say what it needs: `require: [unit_primitive]`, `unit_primitive_header: x-gitlab-unit-primitive`, or `public: true`")));
+            if r.require.is_none() && r.require_any.is_none() && r.unit_primitive_header.is_none() {
+                return Err(self.err(line, format!("route {pattern}: say what it needs: `require: [unit_primitive]`, `require_any: [a, b]`, `unit_primitive_header: x-gitlab-unit-primitive`, or `public: true`")));
             }
             let mut require: Vec<Arc<str>> = Vec::new();
             for up in r.require.iter().flat_map(|l| &l.value) {
@@ -626,15 +688,30 @@ impl Compiler<'_> {
                     require.push(name.into());
                 }
             }
+            let mut require_any: Vec<Arc<str>> = Vec::new();
+            if let Some(list) = &r.require_any {
+                if list.value.is_empty() {
+                    return Err(self.err(list.line(), format!("route {pattern}: require_any is empty; list the unit primitives of which one is enough, or leave it out")));
+                }
+                for up in &list.value {
+                    let name = up.value.trim();
+                    self.check_unit_primitive(
+                        name,
+                        up.line(),
+                        &pattern,
+                        backend_service,
+                        registry,
+                    )?;
+                    if !require_any.iter().any(|r| &**r == name) {
+                        require_any.push(name.into());
+                    }
+                }
+            }
             let unit_primitive_header = match &r.unit_primitive_header {
                 None => None,
                 Some(h) => {
                     let header = h.value.trim().to_ascii_lowercase();
-                    if header.is_empty()
-                        || !header
-                            .bytes()
-                            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
-                    {
+                    if !is_header_name(&header) {
                         return Err(self.err(
                             h.line(),
                             format!(
@@ -651,12 +728,22 @@ impl Compiler<'_> {
             };
             Access::Token {
                 require,
+                require_any,
+                user_tokens: r.user_tokens.as_ref().is_none_or(|u| u.value),
                 unit_primitive_header,
             }
         };
         let deprecated = match (&access, registry) {
-            (Access::Token { require, .. }, Some(registry)) => require
+            (
+                Access::Token {
+                    require,
+                    require_any,
+                    ..
+                },
+                Some(registry),
+            ) => require
                 .iter()
+                .chain(require_any)
                 .filter(|name| {
                     registry
                         .unit_primitive(name)
@@ -674,6 +761,41 @@ impl Compiler<'_> {
             line,
             deprecated,
         })
+    }
+
+    fn forward_claims(
+        &self,
+        backend: &str,
+        raw: Option<&Spanned<std::collections::BTreeMap<String, Spanned<String>>>>,
+    ) -> Result<Vec<ForwardClaim>, ConfigError> {
+        let Some(map) = raw else {
+            return Ok(Vec::new());
+        };
+        let mut out: Vec<ForwardClaim> = Vec::new();
+        for (claim, header) in &map.value {
+            let claim = claim.trim();
+            if claim.is_empty() {
+                return Err(self.err(
+                    map.line(),
+                    format!("backend {backend}: forward_claims names an empty claim"),
+                ));
+            }
+            let name = header.value.trim().to_ascii_lowercase();
+            if !is_header_name(&name) || name.contains('_') {
+                return Err(self.err(header.line(), format!("backend {backend}: forward_claims: {:?} is not a header name (letters, digits and - only)", header.value)));
+            }
+            if RESERVED_HEADERS.contains(&name.as_str()) {
+                return Err(self.err(header.line(), format!("backend {backend}: forward_claims: {name} is a header the sidecar or HTTP itself sets; choose another, such as x-gitlab-authz-{}", claim.replace('_', "-"))));
+            }
+            if let Some(other) = out.iter().find(|f| *f.header == *name) {
+                return Err(self.err(header.line(), format!("backend {backend}: forward_claims sends the claims {} and {claim} to the same header {name}; give each its own", other.claim)));
+            }
+            out.push(ForwardClaim {
+                claim: claim.into(),
+                header: name.into(),
+            });
+        }
+        Ok(out)
     }
 
     fn route_path(&self, p: &Spanned<String>, key: &str) -> Result<String, ConfigError> {
@@ -742,6 +864,14 @@ fn raw_route_pattern(backends: &[Spanned<RawBackend>], mut index: usize) -> Stri
         index -= b.value.routes.value.len();
     }
     "a route".to_string()
+}
+
+/// An HTTP header name as this service writes one: lower-case letters, digits, `-` and `_`.
+fn is_header_name(name: &str) -> bool {
+    !name.is_empty()
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_')
 }
 
 /// Signing algorithms a service token may use: asymmetric only. `none` and the HMAC

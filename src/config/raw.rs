@@ -2,6 +2,7 @@
 //! with the line of every value kept for messages. Nothing here is validated beyond
 //! shape; `Compiler` in the parent module does that.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
@@ -90,6 +91,9 @@ pub struct RawBackend {
     pub audience: Option<Spanned<String>>,
     pub backend_service: Option<Spanned<String>>,
     pub routes: Spanned<Vec<Spanned<RawRoute>>>,
+    /// claim name → upstream header name.
+    pub forward_claims: Option<Spanned<BTreeMap<String, Spanned<String>>>>,
+    pub mode: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -99,6 +103,8 @@ pub struct RawRoute {
     pub prefix: Option<Spanned<String>>,
     pub methods: Option<Spanned<Vec<String>>>,
     pub require: Option<Spanned<Vec<Spanned<String>>>>,
+    pub require_any: Option<Spanned<Vec<Spanned<String>>>>,
+    pub user_tokens: Option<Spanned<bool>>,
     pub unit_primitive_header: Option<Spanned<String>>,
     pub public: Option<Spanned<bool>>,
 }

@@ -77,6 +77,8 @@ fn the_design_example_loads_with_its_values() {
         chat.access,
         Access::Token {
             require: vec!["duo_chat".into()],
+            require_any: vec![],
+            user_tokens: true,
             unit_primitive_header: None
         }
     );

@@ -116,6 +116,7 @@ fn decide_in(
         ("x-gitlab-realm".into(), "self-managed".into()),
         ("x-gitlab-instance-id".into(), INSTANCE.into()),
         ("x-gitlab-version".into(), "17.5.0".into()),
+        ("x-gitlab-authentication-type".into(), "oidc".into()),
     ];
     if let Some(t) = token {
         headers.push(("authorization".into(), format!("Bearer {t}")));
@@ -437,3 +438,269 @@ fn messages_never_contain_the_token() {
 }
 
 mod cache;
+
+/// A snapshot for the route options of issue 11: `require_any`, `user_tokens: false`,
+/// `forward_claims` and `mode: dry_run`.
+fn options_snapshot(mode: &str) -> Snapshot {
+    let registry = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/cloud_connector");
+    let yaml = format!(
+        "issuers:
+  - url: {ISS}
+  - url: {AUD}
+    jwks_file: unused.json
+unit_primitives: {}
+backends:
+  - name: ai_gateway
+    backend_service: ai_gateway
+    mode: {mode}
+    forward_claims:
+      gitlab_instance_id: x-gitlab-authz-instance-id
+      gitlab_realm: X-Gitlab-Authz-Realm
+      gitlab_root_namespace_id: x-gitlab-authz-root-namespace-id
+    routes:
+      - path: /any
+        require_any: [generate_code, code_suggestions]
+      - path: /instance-only
+        require: [complete_code]
+        user_tokens: false
+      - prefix: /proxy/
+        unit_primitive_header: x-gitlab-unit-primitive
+",
+        registry.display()
+    );
+    let config = Config::from_yaml(&yaml, Path::new("/test/config.yaml")).unwrap();
+    let base = snapshot();
+    Snapshot::new(Arc::new(config), Arc::clone(&base.keys))
+}
+
+fn decide_options(mode: &str, path: &str, token: &str, extra: &[(&str, &str)]) -> Decision {
+    let snapshot = options_snapshot(mode);
+    let now = UNIX_EPOCH + Duration::from_secs(NOW);
+    decide_in(
+        &snapshot,
+        TokenCache::disabled(),
+        now,
+        path,
+        Some(token),
+        extra,
+    )
+}
+
+#[test]
+fn require_any_user_tokens_and_header_rules() {
+    let with_scopes = |scopes: Value| key(1).sign(&change(claims(), json!({ "scopes": scopes })));
+    let user = key(2).sign(&json!({"iss": AUD, "aud": AUD, "sub": "user-7", "exp": NOW + 60, "scopes": ["complete_code"]}));
+    let cases = [
+        (
+            "one of require_any",
+            decide_options(
+                "enforce",
+                "/any",
+                &with_scopes(json!(["code_suggestions"])),
+                &[],
+            ),
+            "allow",
+        ),
+        (
+            "none of require_any",
+            decide_options(
+                "enforce",
+                "/any",
+                &with_scopes(json!(["complete_code"])),
+                &[],
+            ),
+            "insufficient_scope",
+        ),
+        (
+            "instance token where user tokens are refused",
+            decide_options(
+                "enforce",
+                "/instance-only",
+                &with_scopes(json!(["complete_code"])),
+                &[],
+            ),
+            "allow",
+        ),
+        (
+            "user token refused",
+            decide_options(
+                "enforce",
+                "/instance-only",
+                &user,
+                &[("x-gitlab-global-user-id", "user-7")],
+            ),
+            "user_token_refused",
+        ),
+        // The headers are checked first: a user token with a wrong user id is a mismatch.
+        (
+            "user token, header mismatch first",
+            decide_options(
+                "enforce",
+                "/instance-only",
+                &user,
+                &[("x-gitlab-global-user-id", "user-8")],
+            ),
+            "header_mismatch",
+        ),
+        (
+            "authentication type missing",
+            decide_options(
+                "enforce",
+                "/any",
+                &with_scopes(json!(["generate_code"])),
+                &[("x-gitlab-authentication-type", "")],
+            ),
+            "header_mismatch",
+        ),
+        (
+            "authentication type not oidc",
+            decide_options(
+                "enforce",
+                "/any",
+                &with_scopes(json!(["generate_code"])),
+                &[("x-gitlab-authentication-type", "OIDC")],
+            ),
+            "header_mismatch",
+        ),
+        (
+            "empty instance claim is absent",
+            decide_options(
+                "enforce",
+                "/any",
+                &key(1).sign(&change(
+                    claims(),
+                    json!({"scopes": ["generate_code"], "gitlab_instance_id": "", "sub": ""}),
+                )),
+                &[("x-gitlab-instance-id", "other")],
+            ),
+            "allow",
+        ),
+        (
+            "empty realm claim is absent",
+            decide_options(
+                "enforce",
+                "/any",
+                &key(1).sign(&change(
+                    claims(),
+                    json!({"scopes": ["generate_code"], "gitlab_realm": ""}),
+                )),
+                &[("x-gitlab-realm", "")],
+            ),
+            "allow",
+        ),
+        (
+            "a unit primitive of another backend",
+            decide_options(
+                "enforce",
+                "/proxy/x",
+                &with_scopes(json!(["duo_workflow_execute_workflow"])),
+                &[("x-gitlab-unit-primitive", "duo_workflow_execute_workflow")],
+            ),
+            "bad_unit_primitive",
+        ),
+        (
+            "a unit primitive of this backend",
+            decide_options(
+                "enforce",
+                "/proxy/x",
+                &with_scopes(json!(["duo_chat"])),
+                &[("x-gitlab-unit-primitive", "duo_chat")],
+            ),
+            "allow",
+        ),
+    ];
+    for (name, decision, want) in &cases {
+        assert_eq!(reason(decision), *want, "{name}: {decision:?}");
+    }
+    assert_eq!(DenyReason::UserTokenRefused.http_status(), 403);
+}
+
+#[test]
+fn forward_claims_copy_strings_and_numbers_and_refuse_control_characters() {
+    let token = key(1).sign(&change(
+        claims(),
+        json!({"scopes": ["generate_code"], "gitlab_instance_id": INSTANCE}),
+    ));
+    let Decision::Allow(allowed) = decide_options("enforce", "/any", &token, &[]) else {
+        panic!("allowed")
+    };
+    let identity = allowed.identity.expect("an identity");
+    let pairs = |forwarded: &[ForwardedHeader]| -> Vec<(String, Option<String>)> {
+        forwarded
+            .iter()
+            .map(|f| (f.header.to_string(), f.value.clone()))
+            .collect()
+    };
+    assert_eq!(
+        pairs(&identity.forwarded),
+        vec![
+            (
+                "x-gitlab-authz-instance-id".to_string(),
+                Some(INSTANCE.to_string())
+            ),
+            (
+                "x-gitlab-authz-realm".to_string(),
+                Some("self-managed".to_string())
+            ),
+            ("x-gitlab-authz-root-namespace-id".to_string(), None),
+        ]
+    );
+    // A number is forwarded as its JSON text; an absent claim removes the header.
+    let numeric = key(1).sign(&change(
+        claims(),
+        json!({"scopes": ["generate_code"], "gitlab_realm": null, "gitlab_root_namespace_id": 12345}),
+    ));
+    let Decision::Allow(allowed) = decide_options("enforce", "/any", &numeric, &[]) else {
+        panic!("allowed")
+    };
+    assert_eq!(
+        pairs(&allowed.identity.unwrap().forwarded),
+        vec![
+            (
+                "x-gitlab-authz-instance-id".to_string(),
+                Some(INSTANCE.to_string())
+            ),
+            ("x-gitlab-authz-realm".to_string(), None),
+            (
+                "x-gitlab-authz-root-namespace-id".to_string(),
+                Some("12345".to_string())
+            ),
+        ]
+    );
+    let bad = key(1).sign(&change(
+        claims(),
+        json!({"scopes": ["generate_code"], "gitlab_realm": "self\nmanaged"}),
+    ));
+    let d = decide_options(
+        "enforce",
+        "/any",
+        &bad,
+        &[("x-gitlab-realm", "self\nmanaged")],
+    );
+    assert_eq!(reason(&d), "malformed_token");
+}
+
+#[test]
+fn dry_run_allows_every_denial_but_bad_path_and_says_why() {
+    let scopes = |s: Value| key(1).sign(&change(claims(), json!({ "scopes": s })));
+    let d = decide_options("dry_run", "/any", &scopes(json!(["complete_code"])), &[]);
+    let Decision::Allow(allowed) = &d else {
+        panic!("{d:?}")
+    };
+    let would = allowed.dry_run.as_ref().expect("a dry-run allow");
+    assert_eq!(would.reason, DenyReason::InsufficientScope);
+    assert!(allowed.identity.is_none());
+    assert_eq!(allowed.removed_headers.len(), 3, "every forwarded header");
+    let d = decide_options("dry_run", "/any", "not-a-token", &[]);
+    assert!(
+        matches!(&d, Decision::Allow(a) if a.dry_run.as_ref().is_some_and(|w| w.reason == DenyReason::MalformedToken)),
+        "{d:?}"
+    );
+    let d = decide_options("dry_run", "/any%2F", &scopes(json!(["generate_code"])), &[]);
+    assert_eq!(reason(&d), "bad_path");
+    let d = decide_options("dry_run", "/any", &scopes(json!(["generate_code"])), &[]);
+    assert!(
+        matches!(&d, Decision::Allow(a) if a.dry_run.is_none() && a.identity.is_some()),
+        "{d:?}"
+    );
+}

@@ -10,17 +10,23 @@ use serde_saphyr::Spanned;
 use super::yaml::{self, MAX_FILES, line};
 use super::{
     BackendService, Deprecation, GitlabRealm, GitlabVersion, Registry, Service, Timestamp,
-    UnitPrimitive, is_valid_name, known_names,
+    UnitPrimitive, UnknownField, is_valid_name, known_names,
 };
 use crate::config::ConfigError;
 
+/// One `unit_primitives/*.yml` file. Only `name` is required here: GitLab's schema also
+/// requires the text fields, but the gem's own README example omits them, and they do not
+/// change a decision. Fields this struct does not know are reported, not refused.
 #[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
 struct RawUnitPrimitive {
     name: Spanned<String>,
+    #[serde(default)]
     description: String,
+    #[serde(default)]
     group: String,
+    #[serde(default)]
     feature_category: String,
+    #[serde(default)]
     documentation_url: String,
     #[serde(default)]
     milestone: Option<String>,
@@ -38,6 +44,9 @@ struct RawUnitPrimitive {
     min_gitlab_version: Option<Spanned<String>>,
     #[serde(default)]
     min_gitlab_version_for_free_access: Option<Spanned<String>>,
+    /// Former names of this unit primitive that tokens may still carry.
+    #[serde(default)]
+    alias_names: Vec<Spanned<String>>,
     #[serde(default)]
     backend_services: Vec<Spanned<String>>,
     #[serde(default)]
@@ -47,17 +56,19 @@ struct RawUnitPrimitive {
 }
 
 #[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
 struct RawBackendService {
     name: Spanned<String>,
+    #[serde(default)]
+    description: String,
+    #[serde(default)]
     project_url: String,
+    #[serde(default)]
     group: String,
     jwt_aud: Spanned<String>,
 }
 
 /// An add-on or a license type: a name to refer to, nothing else the sidecar uses.
 #[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
 struct RawNamed {
     name: Spanned<String>,
     #[serde(default)]
@@ -66,7 +77,6 @@ struct RawNamed {
 }
 
 #[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
 struct RawService {
     name: Spanned<String>,
     #[serde(default)]
@@ -99,32 +109,63 @@ struct Kind {
     dir: &'static str,
     noun: &'static str,
     required: bool,
+    /// Every field of GitLab's data model for this kind; anything else is reported.
+    fields: &'static [&'static str],
 }
 
 const UNIT_PRIMITIVES: Kind = Kind {
     dir: "unit_primitives",
     noun: "unit primitive",
     required: true,
+    fields: &[
+        "name",
+        "description",
+        "group",
+        "feature_category",
+        "documentation_url",
+        "milestone",
+        "introduced_by_url",
+        "unit_primitive_issue_url",
+        "deprecated_by_url",
+        "deprecation_message",
+        "cut_off_date",
+        "min_gitlab_version",
+        "min_gitlab_version_for_free_access",
+        "alias_names",
+        "backend_services",
+        "add_ons",
+        "license_types",
+    ],
 };
 const BACKEND_SERVICES: Kind = Kind {
     dir: "backend_services",
     noun: "backend service",
     required: false,
+    fields: &["name", "description", "project_url", "group", "jwt_aud"],
 };
 const ADD_ONS: Kind = Kind {
     dir: "add_ons",
     noun: "add-on",
     required: false,
+    fields: &["name", "description"],
 };
 const LICENSE_TYPES: Kind = Kind {
     dir: "license_types",
     noun: "license type",
     required: false,
+    fields: &["name", "description"],
 };
 const SERVICES: Kind = Kind {
     dir: "services",
     noun: "service",
     required: false,
+    fields: &[
+        "name",
+        "basic_unit_primitive",
+        "gitlab_realm",
+        "description",
+        "unit_primitives",
+    ],
 };
 
 /// A parsed entry and where it came from, for messages about it.
@@ -135,15 +176,19 @@ struct Located<T> {
 
 pub(super) fn load(root: &Path) -> Result<Registry, ConfigError> {
     let mut files_left = MAX_FILES;
-    let backend_services = read_kind::<RawBackendService>(root, BACKEND_SERVICES, &mut files_left)?;
-    let add_ons = read_kind::<RawNamed>(root, ADD_ONS, &mut files_left)?;
-    let license_types = read_kind::<RawNamed>(root, LICENSE_TYPES, &mut files_left)?;
-    let unit_primitives = read_kind::<RawUnitPrimitive>(root, UNIT_PRIMITIVES, &mut files_left)?;
-    let services = read_kind::<RawService>(root, SERVICES, &mut files_left)?;
+    let mut unknown = Vec::new();
+    let backend_services =
+        read_kind::<RawBackendService>(root, BACKEND_SERVICES, &mut files_left, &mut unknown)?;
+    let add_ons = read_kind::<RawNamed>(root, ADD_ONS, &mut files_left, &mut unknown)?;
+    let license_types = read_kind::<RawNamed>(root, LICENSE_TYPES, &mut files_left, &mut unknown)?;
+    let unit_primitives =
+        read_kind::<RawUnitPrimitive>(root, UNIT_PRIMITIVES, &mut files_left, &mut unknown)?;
+    let services = read_kind::<RawService>(root, SERVICES, &mut files_left, &mut unknown)?;
 
     let mut registry = Registry {
         add_ons: add_ons.into_keys().collect(),
         license_types: license_types.into_keys().collect(),
+        unknown_fields: unknown,
         ..Registry::default()
     };
     for (name, Located { file, raw }) in backend_services {
@@ -159,6 +204,7 @@ pub(super) fn load(root: &Path) -> Result<Registry, ConfigError> {
         let service = BackendService {
             name: name.clone(),
             jwt_aud: raw.jwt_aud.value,
+            description: raw.description,
             project_url: raw.project_url,
             group: raw.group,
         };
@@ -231,6 +277,7 @@ fn unit_primitive(
 
     Ok(UnitPrimitive {
         name,
+        alias_names: raw.alias_names.into_iter().map(|a| a.value).collect(),
         description: raw.description,
         group: raw.group,
         feature_category: raw.feature_category,
@@ -366,6 +413,7 @@ fn read_kind<T: DeserializeOwned + Named>(
     root: &Path,
     kind: Kind,
     files_left: &mut usize,
+    unknown_fields: &mut Vec<UnknownField>,
 ) -> Result<BTreeMap<String, Located<T>>, ConfigError> {
     let dir = root.join(kind.dir);
     let mut entries = BTreeMap::new();
@@ -385,7 +433,14 @@ fn read_kind<T: DeserializeOwned + Named>(
     };
     let mut seen_at: BTreeMap<String, PathBuf> = BTreeMap::new();
     for (stem, file) in files {
-        let raw: T = yaml::read(&file)?;
+        let (raw, shape): (T, _) = yaml::read(&file)?;
+        let mut unknown = Vec::new();
+        shape.unknown_keys(kind.fields, "", &mut unknown);
+        unknown_fields.extend(unknown.into_iter().map(|(field, line)| UnknownField {
+            file: file.clone(),
+            line,
+            field,
+        }));
         let name = raw.name();
         if !is_valid_name(&name.value) {
             return Err(ConfigError::new(

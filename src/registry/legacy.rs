@@ -6,46 +6,47 @@ use std::marker::PhantomData;
 use std::path::Path;
 
 use serde::Deserialize;
-use serde::de::{Deserializer, IgnoredAny, MapAccess, Visitor};
+use serde::de::{Deserializer, MapAccess, Visitor};
 use serde_saphyr::Spanned;
 
-use super::yaml::{self, line};
+use super::yaml::{self, Node, line};
 use super::{
-    BackendService, GitlabVersion, Registry, Service, Timestamp, UnitPrimitive, is_valid_name,
+    BackendService, GitlabVersion, Registry, Service, Timestamp, UnitPrimitive, UnknownField,
+    is_valid_name,
 };
 use crate::config::ConfigError;
 
+/// The whole file. Keys this struct does not name are reported as unknown fields.
 #[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
 struct RawFile {
     #[serde(default)]
     services: Option<Spanned<Entries<RawService>>>,
     #[serde(default)]
-    defaults: Option<RawDefaults>,
-    // Rails environment sections of CustomersDot's file; they merge `defaults`, so they are
-    // accepted and not read.
+    defaults: Option<RawSection>,
+    // Rails environment sections of CustomersDot's file (`development: <<: *defaults`).
+    // They are read as the same shape, so a mistake in them is still found, and not used:
+    // the registry describes one deployment, the one `defaults` describes.
     #[serde(default)]
     #[allow(dead_code)]
-    development: Option<IgnoredAny>,
+    development: Option<RawSection>,
     #[serde(default)]
     #[allow(dead_code)]
-    test: Option<IgnoredAny>,
+    test: Option<RawSection>,
     #[serde(default)]
     #[allow(dead_code)]
-    staging: Option<IgnoredAny>,
+    staging: Option<RawSection>,
     #[serde(default)]
     #[allow(dead_code)]
-    production: Option<IgnoredAny>,
+    production: Option<RawSection>,
 }
 
 #[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawDefaults {
-    services: Spanned<Entries<RawService>>,
+struct RawSection {
+    #[serde(default)]
+    services: Option<Spanned<Entries<RawService>>>,
 }
 
 #[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
 struct RawService {
     backend: Spanned<String>,
     // Older CustomersDot files call the cut-off date `service_start_time`.
@@ -57,11 +58,13 @@ struct RawService {
     min_gitlab_version_for_beta: Option<Spanned<String>>,
     #[serde(default)]
     min_gitlab_version_for_free_access: Option<Spanned<String>>,
+    /// License types (tiers) that include the service's unit primitives.
+    #[serde(default)]
+    license_types: Vec<Spanned<String>>,
     bundled_with: Spanned<Entries<RawBundle>>,
 }
 
 #[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
 struct RawBundle {
     unit_primitives: Vec<Spanned<String>>,
 }
@@ -101,10 +104,20 @@ struct Terms {
 }
 
 pub(super) fn load(path: &Path) -> Result<Registry, ConfigError> {
-    let raw: RawFile = yaml::read(path)?;
-    let services = match (raw.services, raw.defaults) {
+    let (raw, shape): (RawFile, _) = yaml::read(path)?;
+    let unknown = unknown_fields(&shape);
+    let defaults = raw.defaults.map(|d| {
+        d.services.ok_or_else(|| {
+            ConfigError::new(
+                path,
+                0,
+                "`defaults` has no `services` map; put the services under `defaults: services:`",
+            )
+        })
+    });
+    let services = match (raw.services, defaults.transpose()?) {
         (Some(services), None) => services,
-        (None, Some(defaults)) => defaults.services,
+        (None, Some(defaults)) => defaults,
         (Some(services), Some(_)) => {
             return Err(ConfigError::new(
                 path,
@@ -113,10 +126,17 @@ pub(super) fn load(path: &Path) -> Result<Registry, ConfigError> {
             ));
         }
         (None, None) => {
+            // A misspelt `services` is the likely cause: name the first key not understood.
+            let (hint, at) = match unknown.first() {
+                Some((field, at)) => (format!(" (`{field}` is not a key of it)"), *at),
+                None => (String::new(), 0),
+            };
             return Err(ConfigError::new(
                 path,
-                0,
-                "no `services` map found; a legacy Cloud Connector file has a top-level `services:` (or `defaults: services:`), a registry directory has unit_primitives/",
+                at,
+                format!(
+                    "no `services` map found{hint}; a legacy Cloud Connector file has a top-level `services:` (or `defaults: services:`), a registry directory has unit_primitives/"
+                ),
             ));
         }
     };
@@ -128,7 +148,17 @@ pub(super) fn load(path: &Path) -> Result<Registry, ConfigError> {
             "`services` is empty; list at least one service",
         ));
     }
-    let mut registry = Registry::default();
+    let mut registry = Registry {
+        unknown_fields: unknown
+            .into_iter()
+            .map(|(field, line)| UnknownField {
+                file: path.to_path_buf(),
+                line,
+                field,
+            })
+            .collect(),
+        ..Registry::default()
+    };
     for (service_name, raw) in services.value.0 {
         let error = |at: u32, message: String| ConfigError::new(path, at, message);
         let name_line = line(&service_name);
@@ -185,19 +215,50 @@ pub(super) fn load(path: &Path) -> Result<Registry, ConfigError> {
             min_gitlab_version_for_free_access: version(free_access)?,
         };
 
-        let bundled_with_line = line(&raw.bundled_with);
-        let mut delivered: Vec<String> = Vec::new();
-        for (add_on, bundle) in raw.bundled_with.value.0 {
-            if !is_valid_name(&add_on.value) {
+        let mut license_types: Vec<String> = Vec::new();
+        for license in raw.license_types {
+            if !is_valid_name(&license.value) {
                 return Err(error(
-                    line(&add_on),
+                    line(&license),
                     format!(
-                        "add-on name \"{}\" must be snake_case (lowercase letters, digits and underscores, starting with a letter)",
-                        add_on.value
+                        "license type \"{}\" must be snake_case (lowercase letters, digits and underscores, starting with a letter)",
+                        license.value
                     ),
                 ));
             }
-            registry.add_ons.insert(add_on.value.clone());
+            if license_types.contains(&license.value) {
+                return Err(error(
+                    line(&license),
+                    format!(
+                        "service \"{name}\" lists license type \"{}\" twice; remove one",
+                        license.value
+                    ),
+                ));
+            }
+            registry.license_types.insert(license.value.clone());
+            license_types.push(license.value);
+        }
+
+        let bundled_with_line = line(&raw.bundled_with);
+        let mut delivered: Vec<String> = Vec::new();
+        for (add_on, bundle) in raw.bundled_with.value.0 {
+            // `_irrelevant` / `_irrelevant_` in GitLab's access_data.yml: the unit primitives
+            // are delivered, but no add-on sells them (GitLab checks no add-on without a
+            // cut-off date).
+            let add_on_name = if is_pseudo_add_on(&add_on.value) {
+                None
+            } else if is_valid_name(&add_on.value) {
+                registry.add_ons.insert(add_on.value.clone());
+                Some(add_on.value.as_str())
+            } else {
+                return Err(error(
+                    line(&add_on),
+                    format!(
+                        "add-on name \"{}\" must be snake_case (lowercase letters, digits and underscores, starting with a letter), or start with `_` for no add-on (`_irrelevant`)",
+                        add_on.value
+                    ),
+                ));
+            };
             let mut in_bundle: Vec<&str> = Vec::new();
             for up in &bundle.unit_primitives {
                 if !is_valid_name(&up.value) {
@@ -222,10 +283,13 @@ pub(super) fn load(path: &Path) -> Result<Registry, ConfigError> {
                 add_unit_primitive(
                     &mut registry,
                     &up.value,
-                    &add_on.value,
-                    &backend_name,
-                    &terms,
-                    first_sight(&delivered, &up.value),
+                    Delivery {
+                        add_on: add_on_name,
+                        backend: &backend_name,
+                        license_types: &license_types,
+                        terms: &terms,
+                        new_for_service: first_sight(&delivered, &up.value),
+                    },
                 );
                 if !delivered.contains(&up.value) {
                     delivered.push(up.value.clone());
@@ -260,25 +324,92 @@ pub(super) fn load(path: &Path) -> Result<Registry, ConfigError> {
     Ok(registry)
 }
 
+const SECTIONS: [&str; 4] = ["development", "test", "staging", "production"];
+const SERVICE_FIELDS: [&str; 8] = [
+    "backend",
+    "cut_off_date",
+    "service_start_time",
+    "min_gitlab_version",
+    "min_gitlab_version_for_beta",
+    "min_gitlab_version_for_free_access",
+    "license_types",
+    "bundled_with",
+];
+
+/// The keys of the file that [`RawFile`] skips, as dotted paths with their lines.
+fn unknown_fields(shape: &Node) -> Vec<(String, u32)> {
+    let mut out = Vec::new();
+    let mut top = vec!["services", "defaults"];
+    top.extend(SECTIONS);
+    shape.unknown_keys(&top, "", &mut out);
+    let services = |section: &Node, prefix: &str, out: &mut Vec<(String, u32)>| {
+        let Some(services) = section.get("services") else {
+            return;
+        };
+        for (name, _, service) in services.entries() {
+            let at = format!("{prefix}services.{name}");
+            service.unknown_keys(&SERVICE_FIELDS, &at, out);
+            if let Some(bundles) = service.get("bundled_with") {
+                for (add_on, _, bundle) in bundles.entries() {
+                    bundle.unknown_keys(
+                        &["unit_primitives"],
+                        &format!("{at}.bundled_with.{add_on}"),
+                        out,
+                    );
+                }
+            }
+        }
+    };
+    services(shape, "", &mut out);
+    for section in std::iter::once("defaults").chain(SECTIONS) {
+        if let Some(node) = shape.get(section) {
+            // A section merges `defaults` (`<<: *defaults`) and holds `services`.
+            node.unknown_keys(&["services", "<<"], section, &mut out);
+            services(node, &format!("{section}."), &mut out);
+        }
+    }
+    out
+}
+
 /// Whether this service has not yet contributed `up` (a unit primitive may sit under several
 /// of its add-ons; the service's terms count once).
 fn first_sight(delivered: &[String], up: &str) -> bool {
     !delivered.iter().any(|d| d == up)
 }
 
-fn add_unit_primitive(
-    registry: &mut Registry,
-    name: &str,
-    add_on: &str,
-    backend: &str,
-    terms: &Terms,
+/// A pseudo add-on: a `bundled_with` key that names no add-on (`_irrelevant`, `_irrelevant_`).
+fn is_pseudo_add_on(name: &str) -> bool {
+    name.strip_prefix('_').is_some_and(|rest| {
+        rest.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
+    })
+}
+
+/// How one service delivers one unit primitive.
+struct Delivery<'a> {
+    /// `None` for a pseudo add-on.
+    add_on: Option<&'a str>,
+    backend: &'a str,
+    license_types: &'a [String],
+    terms: &'a Terms,
+    /// Whether this service has not yet contributed this unit primitive.
     new_for_service: bool,
-) {
+}
+
+fn add_unit_primitive(registry: &mut Registry, name: &str, delivery: Delivery<'_>) {
+    let Delivery {
+        add_on,
+        backend,
+        license_types,
+        terms,
+        new_for_service,
+    } = delivery;
     let up = registry
         .unit_primitives
         .entry(name.to_string())
         .or_insert_with(|| UnitPrimitive {
             name: name.to_string(),
+            alias_names: Vec::new(),
             description: String::new(),
             group: String::new(),
             feature_category: String::new(),
@@ -304,8 +435,15 @@ fn add_unit_primitive(
             Ord::min,
         );
     }
-    if !up.add_ons.iter().any(|a| a == add_on) {
+    if let Some(add_on) = add_on
+        && !up.add_ons.iter().any(|a| a == add_on)
+    {
         up.add_ons.push(add_on.to_string());
+    }
+    for license in license_types {
+        if !up.license_types.contains(license) {
+            up.license_types.push(license.clone());
+        }
     }
     if !up.backend_services.iter().any(|b| b == backend) {
         up.backend_services.push(backend.to_string());
@@ -357,6 +495,7 @@ fn backend_service(
     Ok(BackendService {
         name,
         jwt_aud: audience.to_string(),
+        description: String::new(),
         project_url: String::new(),
         group: String::new(),
     })

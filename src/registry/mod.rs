@@ -57,6 +57,18 @@ pub struct Registry {
     services: BTreeMap<String, Service>,
     add_ons: BTreeSet<String>,
     license_types: BTreeSet<String>,
+    unknown_fields: Vec<UnknownField>,
+}
+
+/// A field of a registry file that this version does not know (GitLab added it later, or it
+/// is a typo). Loading goes on without it; [`Registry::load`] logs each one once.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UnknownField {
+    pub file: std::path::PathBuf,
+    /// 1-based line of the field's key.
+    pub line: u32,
+    /// Dotted path inside the file, e.g. `owner` or `services.duo_chat.bundled_with.duo_pro.note`.
+    pub field: String,
 }
 
 /// The smallest feature a token scope can grant (`code_suggestions`, `duo_chat`, ...).
@@ -67,6 +79,9 @@ pub struct Registry {
 pub struct UnitPrimitive {
     /// The scope string a token carries for this feature.
     pub name: String,
+    /// Other names GitLab knows this unit primitive by (`alias_names`); kept as data, not
+    /// accepted in place of `name`.
+    pub alias_names: Vec<String>,
     pub description: String,
     pub group: String,
     pub feature_category: String,
@@ -98,11 +113,13 @@ pub struct Deprecation {
 }
 
 /// A service behind Cloud Connector that checks tokens; `jwt_aud` is the audience a token
-/// for it must carry. `project_url` and `group` are empty when loaded from the legacy file.
+/// for it must carry. `description`, `project_url` and `group` are empty when the file does
+/// not say (always, for the legacy file).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BackendService {
     pub name: String,
     pub jwt_aud: String,
+    pub description: String,
     pub project_url: String,
     pub group: String,
 }
@@ -158,11 +175,25 @@ impl Registry {
                 ),
             )
         })?;
-        if metadata.is_dir() {
-            layout::load(path)
+        let registry = if metadata.is_dir() {
+            layout::load(path)?
         } else {
-            legacy::load(path)
+            legacy::load(path)?
+        };
+        for unknown in &registry.unknown_fields {
+            tracing::warn!(
+                file = %unknown.file.display(),
+                line = unknown.line,
+                field = %unknown.field,
+                "unknown field in the unit primitive registry, ignored; a newer GitLab registry or a typo"
+            );
         }
+        Ok(registry)
+    }
+
+    /// Fields of the registry files that were not understood and were skipped, in load order.
+    pub fn unknown_fields(&self) -> &[UnknownField] {
+        &self.unknown_fields
     }
 
     pub fn unit_primitive(&self, name: &str) -> Option<&UnitPrimitive> {

@@ -232,11 +232,16 @@ def configmap_config_matches_design():
     only_keys("keys", cfg["keys"], ["refresh_interval", "min_refresh_interval", "fetch_timeout", "cache_dir"])
     only_keys("tokens", cfg["tokens"], ["algorithms", "leeway", "max_bytes"])
     assert cfg["tokens"]["algorithms"] == ["RS256"]
-    (backend,) = cfg["backends"]
-    assert backend["name"] == "ai_gateway" and backend["audience"] == "gitlab-ai-gateway"
-    for route in backend["routes"]:
-        only_keys("route", route, ["prefix", "path", "methods", "require", "unit_primitive_header", "public"])
-        assert ("prefix" in route) != ("path" in route), route
+    assert cfg["unit_primitives"] == IMAGE_REGISTRY, "the registry the image ships"
+    with open(os.path.join(REPO, "config", "connector-authz.yaml")) as f:
+        shipped = yaml.safe_load(f)
+    assert cfg["backends"] == shipped["backends"], "routes differ from config/connector-authz.yaml"
+    for backend in cfg["backends"]:
+        only_keys("backend", backend, ["name", "audience", "backend_service", "routes", "forward_claims", "mode"])
+        for route in backend["routes"]:
+            only_keys("route", route, ["prefix", "path", "methods", "require", "require_any",
+                                       "user_tokens", "unit_primitive_header", "public"])
+            assert ("prefix" in route) != ("path" in route), route
 
 
 @check
@@ -385,6 +390,10 @@ def dockerfile_runs_non_root_binary():
     assert any(l.startswith("COPY --from=") and l.endswith(" /connector-authz") for l in final)
 
 
+# Where the Dockerfile puts the registry; check-config reads the repository's copy instead.
+IMAGE_REGISTRY = "/usr/share/connector-authz/cloud_connector"
+
+
 def connector_authz_binary():
     if os.environ.get("CONNECTOR_AUTHZ_BIN"):
         return os.environ["CONNECTOR_AUTHZ_BIN"]
@@ -401,7 +410,9 @@ def configmap_config_passes_check_config():
     if binary is None:
         return "skipped: no connector-authz binary (set CONNECTOR_AUTHZ_BIN or cargo build)"
     with tempfile.NamedTemporaryFile("w", suffix=".yaml") as f:
-        f.write(load("envoy/kubernetes/configmap.yaml")["data"]["config.yaml"])
+        text = load("envoy/kubernetes/configmap.yaml")["data"]["config.yaml"]
+        assert IMAGE_REGISTRY in text
+        f.write(text.replace(IMAGE_REGISTRY, os.path.join(REPO, "config", "cloud_connector")))
         f.flush()
         out = subprocess.run([binary, "check-config", "--config", f.name], capture_output=True, text=True)
     assert out.returncode == 0, f"check-config failed:\n{out.stdout}{out.stderr}"

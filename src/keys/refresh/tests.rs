@@ -78,7 +78,10 @@ fn mk_check(token: &str) -> CheckRequest {
     let http = attribute_context::HttpRequest {
         method: "GET".into(),
         path: "/x".into(),
-        headers: HashMap::from([("authorization".to_owned(), format!("Bearer {token}"))]),
+        headers: HashMap::from([
+            ("authorization".to_owned(), format!("Bearer {token}")),
+            ("x-gitlab-authentication-type".to_owned(), "oidc".to_owned()),
+        ]),
         ..Default::default()
     };
     CheckRequest {
