@@ -114,6 +114,7 @@ pub struct Metrics {
     deprecated_unit_primitives: Family<UnitPrimitiveLabels, Counter>,
     token_cache_hits: Counter,
     token_cache_misses: Counter,
+    registry_unknown_fields: Gauge,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -182,6 +183,12 @@ impl Metrics {
             "Checks whose token was not in the verified-token cache",
             token_cache_misses.clone(),
         );
+        let registry_unknown_fields = Gauge::default();
+        registry.register(
+            "registry_unknown_fields",
+            "Fields of the loaded unit primitive registry's files that were not understood and were skipped (each is logged once at load)",
+            registry_unknown_fields.clone(),
+        );
         let build_info = Family::<VersionLabels, Gauge>::default();
         build_info
             .get_or_create(&VersionLabels {
@@ -204,6 +211,7 @@ impl Metrics {
             deprecated_unit_primitives,
             token_cache_hits,
             token_cache_misses,
+            registry_unknown_fields,
         }
     }
 
@@ -254,6 +262,13 @@ impl Metrics {
         self.config_reloads
             .get_or_create(&ResultLabels { result })
             .inc();
+    }
+
+    /// Records the registry of a configuration that was just loaded (at start or reload).
+    pub fn registry_loaded(&self, registry: Option<&crate::registry::Registry>) {
+        let unknown = registry.map_or(0, |r| r.unknown_fields().len());
+        self.registry_unknown_fields
+            .set(i64::try_from(unknown).unwrap_or(i64::MAX));
     }
 
     pub fn deprecated_unit_primitive_used(&self, unit_primitive: &str) {

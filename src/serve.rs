@@ -181,6 +181,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
     let keys = KeyManager::start_http(snapshot.clone())?;
     keys.initial_load().await;
     let metrics = Arc::new(Metrics::with_keys(snapshot.clone(), keys.clone()));
+    metrics.registry_loaded(snapshot.load().config.registry.as_deref());
     let (stop_grpc, grpc_stopped) = watch::channel(false);
     let (stop_rest, rest_stopped) = watch::channel(false);
     let (draining, draining_rx) = watch::channel(false);
@@ -308,6 +309,7 @@ impl Reloader {
             );
         }
         let (issuers, routes) = (config.issuers.len(), config.routes.routes().len());
+        self.metrics.registry_loaded(config.registry.as_deref());
         self.keys.reconfigure(Arc::new(config)).await;
         self.metrics.config_reloaded(true);
         tracing::info!(issuers, routes, path = %self.path.display(), "configuration reloaded");

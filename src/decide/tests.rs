@@ -704,3 +704,75 @@ fn dry_run_allows_every_denial_but_bad_path_and_says_why() {
         "{d:?}"
     );
 }
+
+/// Decides on GitLab's own legacy registry (`tests/fixtures/gitlab/access_data.yml`): a
+/// backend that is not the AI gateway, reached through its audience and a unit primitive
+/// bundled with the `_irrelevant_` pseudo add-on.
+#[test]
+fn decides_on_gitlabs_access_data_yml() {
+    let registry =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/gitlab/access_data.yml");
+    let yaml = format!(
+        "issuers:
+  - url: {ISS}
+unit_primitives: {}
+backends:
+  - name: security
+    backend_service: security_gateway
+    routes:
+      - prefix: /scan/
+        require: [security_scans]
+  - name: ai_gateway
+    backend_service: ai_gateway
+    routes:
+      - prefix: /ai/v1/proxy/
+        unit_primitive_header: x-gitlab-unit-primitive
+",
+        registry.display()
+    );
+    let config = Config::from_yaml(&yaml, Path::new("/test/config.yaml")).unwrap();
+    let jwks = DevKey::key_set_json(&[&key(1)]).to_string();
+    let keys = parse_key_set(
+        jwks.as_bytes(),
+        KeySource::File,
+        UNIX_EPOCH,
+        &KeyLimits::default(),
+    )
+    .unwrap()
+    .key_set;
+    let snapshot = Snapshot::new(
+        Arc::new(config),
+        Arc::new(KeySnapshot::default().with_issuer(ISS.into(), Arc::new(keys))),
+    );
+    let now = UNIX_EPOCH + Duration::from_secs(NOW);
+    let run = |path: &str, claims: Value, extra: &[(&str, &str)]| {
+        let token = key(1).sign(&claims);
+        reason(&decide_in(
+            &snapshot,
+            TokenCache::disabled(),
+            now,
+            path,
+            Some(&token),
+            extra,
+        ))
+    };
+    let scan = change(
+        claims(),
+        json!({"aud": "gitlab-security-gateway", "scopes": ["security_scans"]}),
+    );
+    assert_eq!(run("/scan/x", scan.clone(), &[]), "allow");
+    assert_eq!(
+        run(
+            "/scan/x",
+            change(scan, json!({"scopes": ["duo_chat"]})),
+            &[]
+        ),
+        "insufficient_scope"
+    );
+    // A unit primitive that only the anthropic_proxy service bundles, named by header.
+    let proxy = change(claims(), json!({"scopes": ["summarize_review"]}));
+    let header = [("x-gitlab-unit-primitive", "summarize_review")];
+    assert_eq!(run("/ai/v1/proxy/x", proxy.clone(), &header), "allow");
+    let unknown = [("x-gitlab-unit-primitive", "summarize_reviews")];
+    assert_eq!(run("/ai/v1/proxy/x", proxy, &unknown), "bad_unit_primitive");
+}

@@ -5,7 +5,7 @@
 //!
 //! ```text
 //! D/unit_primitives/*.yml    one file per unit primitive (the scopes a token can carry)
-//! D/backend_services/*.yml   name, project_url, group, jwt_aud (the token audience)
+//! D/backend_services/*.yml   name, description, project_url, group, jwt_aud (the token audience)
 //! D/add_ons/*.yml            name, optional description
 //! D/license_types/*.yml      name, optional description
 //! D/services/*.yml           legacy grouping of unit primitives (optional)
@@ -16,7 +16,9 @@
 //! in-memory [`Registry`]; see [`Registry::load`] for how the legacy file maps onto it.
 //!
 //! The registry owns loading and validation only: every dangling reference, duplicate,
-//! misnamed file, bad version and bad date is a [`ConfigError`] with the file and line.
+//! misnamed file, bad version and bad date is a [`ConfigError`] with the file and line. A
+//! field it does not know is not an error (GitLab adds fields over time): it is kept as an
+//! [`UnknownField`] and logged once per load.
 //! After [`Registry::load`] succeeds, lookups cannot fail for a reason other than an unknown
 //! name. It must not know about routes, tokens or requests; the route table asks it questions.
 //!
@@ -153,7 +155,8 @@ impl Registry {
     /// min_gitlab_version_for_beta, bundled_with: {<add_on>: {unit_primitives: [...]}}}}`)
     /// maps onto the same model:
     /// - every name under a `bundled_with` list is a unit primitive, every `bundled_with`
-    ///   key an add-on; there are no license types;
+    ///   key an add-on, except a pseudo add-on starting with `_` (`_irrelevant`), which names
+    ///   none; a service's `license_types` apply to all its unit primitives;
     /// - each distinct `backend` is a backend service whose `jwt_aud` is that value and whose
     ///   name drops a leading `gitlab-` and turns `-` into `_` (`gitlab-ai-gateway` →
     ///   `ai_gateway`), so routes can name it the same way in either format;
@@ -164,7 +167,8 @@ impl Registry {
     ///   grants the scope through whichever service allows it;
     /// - the map may sit under `defaults:` (CustomersDot's `defaults: &defaults` for Rails
     ///   environments). The sections `development`, `test`, `staging` and `production` are
-    ///   then ignored: they merge `defaults`, and the registry describes one deployment.
+    ///   then checked for shape but not used: they merge `defaults`, and the registry
+    ///   describes one deployment.
     pub fn load(path: &Path) -> Result<Registry, ConfigError> {
         let metadata = std::fs::metadata(path).map_err(|err| {
             ConfigError::new(

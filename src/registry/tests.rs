@@ -733,3 +733,259 @@ fn legacy_alias_bomb_is_rejected() {
     assert!(err.message.contains("remove the anchors"), "{err}");
     assert!(err.message.contains("remove the anchors"), "{err}");
 }
+
+fn fixture(rel: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/gitlab")
+        .join(rel)
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    fs::create_dir_all(to).unwrap();
+    for entry in fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        if entry.file_type().unwrap().is_dir() {
+            copy_dir(&entry.path(), &to.join(entry.file_name()));
+        } else {
+            fs::copy(entry.path(), to.join(entry.file_name())).unwrap();
+        }
+    }
+}
+
+/// The docs' unit primitive, backend service, add-on and license type examples, verbatim.
+#[test]
+fn gitlab_docs_layout_example_loads() {
+    let registry = Registry::load(&fixture("docs_layout")).unwrap();
+    let up = registry.unit_primitive("new_feature").unwrap();
+    assert_eq!(
+        up.cut_off_date,
+        Some("2024-10-17T00:00:00Z".parse().unwrap())
+    );
+    assert_eq!(up.min_gitlab_version, Some("16.9".parse().unwrap()));
+    assert_eq!(
+        up.min_gitlab_version_for_free_access,
+        Some("16.8".parse().unwrap())
+    );
+    assert_eq!(up.add_ons, ["duo_pro", "duo_enterprise"]);
+    assert_eq!(up.license_types, ["premium", "ultimate"]);
+    assert_eq!(up.group, "group::your_group");
+    assert!(registry.delivered_by("new_feature", "ai_gateway"));
+    let gateway = registry.backend_service("ai_gateway").unwrap();
+    assert_eq!(gateway.jwt_aud, "gitlab-ai-gateway");
+    assert_eq!(gateway.group, "group::ai framework");
+    assert!(
+        registry.unknown_fields().is_empty(),
+        "{:?}",
+        registry.unknown_fields()
+    );
+
+    // A route can require it, and the audience comes from the example's jwt_aud.
+    let yaml = format!(
+        "issuers: [{{url: https://customers.gitlab.com}}]
+unit_primitives: {}
+enforce_min_version: true
+backends:
+  - name: gw
+    backend_service: ai_gateway
+    routes:
+      - prefix: /new/
+        require: [new_feature]
+",
+        fixture("docs_layout").display()
+    );
+    crate::config::Config::from_yaml(&yaml, Path::new("/test/config.yaml")).unwrap();
+}
+
+/// The docs' service example (`services/duo_chat.yml`) verbatim, over the shipped registry,
+/// which has every unit primitive it lists.
+#[test]
+fn gitlab_docs_service_example_loads_over_the_shipped_registry() {
+    let dir = tempfile::tempdir().unwrap();
+    copy_dir(
+        &Path::new(env!("CARGO_MANIFEST_DIR")).join("config/cloud_connector"),
+        dir.path(),
+    );
+    fs::copy(
+        fixture("docs_service_duo_chat.yml"),
+        dir.path().join("services/duo_chat.yml"),
+    )
+    .unwrap();
+    let registry = Registry::load(dir.path()).unwrap();
+    let chat = registry.service("duo_chat").unwrap();
+    assert_eq!(chat.basic_unit_primitive, "duo_chat");
+    assert_eq!(chat.unit_primitives.len(), 19);
+    assert_eq!(
+        chat.gitlab_realms,
+        [GitlabRealm::GitlabCom, GitlabRealm::SelfManaged]
+    );
+}
+
+/// The gem README's minimal files: no group, documentation_url or project_url.
+#[test]
+fn gitlab_cloud_connector_gem_readme_example_loads() {
+    let registry = Registry::load(&fixture("gem_readme")).unwrap();
+    assert_eq!(
+        registry.unit_primitive("duo_chat").unwrap().description,
+        "Duo Chat"
+    );
+    let gateway = registry.backend_service("ai_gateway").unwrap();
+    assert_eq!(
+        (gateway.description.as_str(), gateway.jwt_aud.as_str()),
+        ("AI Gateway", "gitlab-ai-gateway")
+    );
+}
+
+#[test]
+fn gitlab_docs_legacy_example_loads() {
+    let registry = Registry::load(&fixture("docs_legacy.yml")).unwrap();
+    let chat = registry.unit_primitive("duo_chat").unwrap();
+    assert_eq!(chat.min_gitlab_version, Some("16.9".parse().unwrap()));
+    assert_eq!(
+        chat.min_gitlab_version_for_free_access,
+        Some("16.8".parse().unwrap())
+    );
+    assert_eq!(chat.cut_off_date, None);
+    let code = registry.unit_primitive("code_suggestions").unwrap();
+    assert_eq!(
+        code.cut_off_date,
+        Some("2024-02-15T00:00:00Z".parse().unwrap())
+    );
+}
+
+/// GitLab's access_data.yml: four backends, `_irrelevant` / `_irrelevant_` pseudo add-ons.
+/// Every unit primitive in it is in the shipped registry with the same backend, the add-ons
+/// it is sold with, and the cut-off date.
+#[test]
+fn gitlab_access_data_yml_loads_and_agrees_with_the_shipped_registry() {
+    let legacy = Registry::load(&fixture("access_data.yml")).unwrap();
+    assert!(
+        legacy.unknown_fields().is_empty(),
+        "{:?}",
+        legacy.unknown_fields()
+    );
+    let audiences: Vec<_> = legacy
+        .backend_services()
+        .map(|b| b.jwt_aud.as_str())
+        .collect();
+    assert_eq!(
+        audiences,
+        [
+            "gitlab-ai-gateway",
+            "gitlab-duo-workflow-service",
+            "gitlab-observability-backend",
+            "gitlab-security-gateway"
+        ]
+    );
+    assert_eq!(legacy.unit_primitives().count(), 35);
+    let scans = legacy.unit_primitive("security_scans").unwrap();
+    assert!(scans.add_ons.is_empty());
+    assert_eq!(scans.backend_services, ["security_gateway"]);
+    assert!(!legacy.add_ons.iter().any(|a| a.starts_with('_')));
+
+    let shipped =
+        Registry::load(&Path::new(env!("CARGO_MANIFEST_DIR")).join("config/cloud_connector"))
+            .unwrap();
+    for up in legacy.unit_primitives() {
+        let ours = shipped
+            .unit_primitive(&up.name)
+            .unwrap_or_else(|| panic!("{} missing from config/cloud_connector", up.name));
+        assert_eq!(up.backend_services, ours.backend_services, "{}", up.name);
+        let mut add_ons = up.add_ons.clone();
+        add_ons.sort();
+        let mut our_add_ons = ours.add_ons.clone();
+        our_add_ons.sort();
+        assert_eq!(add_ons, our_add_ons, "{}", up.name);
+        // The legacy mapping takes the latest cut-off of all services that bundle a unit
+        // primitive; self_hosted_models bundles code_suggestions with a later one than the
+        // code_suggestions service's own, which the directory layout keeps.
+        if up.name != "code_suggestions" {
+            assert_eq!(up.cut_off_date, ours.cut_off_date, "{}", up.name);
+        }
+    }
+}
+
+/// The same services under CustomersDot's `defaults: &defaults` with environment sections.
+#[test]
+fn access_data_under_defaults_with_environment_sections_loads() {
+    let text = fs::read_to_string(fixture("access_data.yml")).unwrap();
+    let services = text
+        .lines()
+        .skip_while(|l| !l.starts_with("services:"))
+        .map(|l| format!("  {l}\n"))
+        .collect::<String>();
+    let dir = tempfile::tempdir().unwrap();
+    let path = write_file(
+        &dir,
+        "cloud_connector.yml",
+        &format!(
+            "defaults: &defaults\n{services}development:\n  <<: *defaults\ntest:\n  <<: *defaults\nstaging:\n  <<: *defaults\nproduction:\n  <<: *defaults\n"
+        ),
+    );
+    let registry = Registry::load(&path).unwrap();
+    assert_eq!(registry.unit_primitives().count(), 35);
+    assert!(
+        registry.unknown_fields().is_empty(),
+        "{:?}",
+        registry.unknown_fields()
+    );
+}
+
+#[test]
+fn unknown_fields_of_every_kind_warn_and_load() {
+    let dir = tempfile::tempdir().unwrap();
+    copy_dir(&fixture("docs_layout"), dir.path());
+    for rel in [
+        "unit_primitives/new_feature.yml",
+        "backend_services/ai_gateway.yml",
+        "add_ons/duo_pro.yml",
+        "license_types/premium.yml",
+    ] {
+        let path = dir.path().join(rel);
+        let text = fs::read_to_string(&path).unwrap();
+        fs::write(&path, format!("{text}owner: someone\n")).unwrap();
+    }
+    let registry = Registry::load(dir.path()).unwrap();
+    assert_eq!(
+        registry.unknown_fields().len(),
+        4,
+        "{:?}",
+        registry.unknown_fields()
+    );
+    assert!(
+        registry
+            .unknown_fields()
+            .iter()
+            .all(|u| u.field == "owner" && u.line > 1)
+    );
+
+    let legacy = write_file(
+        &dir,
+        "legacy.yml",
+        "services:\n  cs:\n    backend: gitlab-ai-gateway\n    owner: x\n    bundled_with:\n      duo_pro:\n        unit_primitives: [cs]\n        note: y\nversion: 2\n",
+    );
+    let registry = Registry::load(&legacy).unwrap();
+    let found: Vec<_> = registry
+        .unknown_fields()
+        .iter()
+        .map(|u| (u.field.as_str(), u.line))
+        .collect();
+    assert_eq!(
+        found,
+        [
+            ("version", 9),
+            ("services.cs.owner", 4),
+            ("services.cs.bundled_with.duo_pro.note", 8)
+        ]
+    );
+}
+
+#[test]
+fn dangling_reference_in_gitlab_layout_still_fails_with_file_and_line() {
+    let dir = tempfile::tempdir().unwrap();
+    copy_dir(&fixture("docs_layout"), dir.path());
+    fs::remove_file(dir.path().join("add_ons/duo_enterprise.yml")).unwrap();
+    let err = Registry::load(dir.path()).unwrap_err();
+    assert_eq!(err.file, dir.path().join("unit_primitives/new_feature.yml"));
+    assert_eq!(err.line, 16, "{err}");
+    assert!(err.message.contains("duo_enterprise"), "{err}");
+}
