@@ -104,7 +104,7 @@ issuers:
   - url: {iss}
 keys:
   refresh_interval: 1s
-  min_refresh_interval: 200ms
+  min_refresh_interval: 1s
   fetch_timeout: 300ms
 backends:
   - name: ai_gateway

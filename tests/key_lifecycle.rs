@@ -35,7 +35,7 @@ issuers:
   - url: {issuer}
 keys:
   refresh_interval: 1h
-  min_refresh_interval: 200ms
+  min_refresh_interval: 1s
   fetch_timeout: 1s
   cache_dir: {cache}
 backends:

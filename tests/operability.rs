@@ -180,7 +180,7 @@ async fn metrics_move_with_checks_and_key_refreshes_and_pass_promtool() {
     let yaml = format!(
         "listen: {{grpc: 127.0.0.1:0, admin: 127.0.0.1:0}}
 issuers: [{{url: {iss}}}]
-keys: {{min_refresh_interval: 100ms, fetch_timeout: 2s}}
+keys: {{min_refresh_interval: 1s, fetch_timeout: 2s}}
 unit_primitives: {registry}
 backends:
   - name: svc
@@ -776,7 +776,7 @@ async fn sigterm_turns_readiness_off_and_lets_a_check_in_flight_finish() {
         format!(
             "listen: {{grpc: 127.0.0.1:0, admin: 127.0.0.1:0}}
 issuers: [{{url: {}}}]
-keys: {{min_refresh_interval: 100ms, fetch_timeout: 5s}}
+keys: {{min_refresh_interval: 1s, unknown_kid_wait: 2s, fetch_timeout: 5s}}
 backends: [{{name: svc, audience: svc, routes: [{{prefix: /, require: []}}]}}]
 ",
             issuer.url
@@ -795,7 +795,7 @@ backends: [{{name: svc, audience: svc, routes: [{{prefix: /, require: []}}]}}]
     assert!(ready, "never ready:\n{}", sidecar.text());
 
     // A token under a new kid parks its Check on a refresh that takes 1.4 s (two GETs,
-    // discovery and key set, 700 ms each: within the 2 s a Check waits for a refresh).
+    // discovery and key set, 700 ms each: within the 2 s `unknown_kid_wait` set above).
     *issuer.jwks.lock().unwrap() = DevKey::key_set_json(&[&k1, &k2]);
     issuer.delay_ms.store(700, Ordering::SeqCst);
     tokio::time::sleep(Duration::from_millis(150)).await;
