@@ -1042,12 +1042,17 @@ backends:
                 .is_some_and(|m| m.contains("troubleshoot_job")),
             "{warning}"
         );
-        assert!(
-            warning["fields"]["url"]
-                .as_str()
-                .is_some_and(|u| u.starts_with("https://")),
-            "{warning}"
-        );
+        // The registry's deprecated_by_url, or empty where GitLab's data gives none.
+        let registry = connector_authz::registry::Registry::load(
+            &Path::new(env!("CARGO_MANIFEST_DIR")).join("config/cloud_connector"),
+        )
+        .expect("the shipped registry loads");
+        let by_url = registry
+            .unit_primitive(DEPRECATED)
+            .and_then(|up| up.deprecation.as_ref())
+            .and_then(|d| d.by_url.clone())
+            .unwrap_or_default();
+        assert_eq!(warning["fields"]["url"], by_url.as_str(), "{warning}");
     }
 }
 
