@@ -468,7 +468,11 @@ fn unchecked_unit_primitives_warning(config: &Config) -> Option<String> {
         .routes()
         .iter()
         .flat_map(|route| match &route.access {
-            Access::Token { require, .. } => require.iter().map(|r| &**r).collect(),
+            Access::Token {
+                require,
+                require_any,
+                ..
+            } => require.iter().chain(require_any).map(|r| &**r).collect(),
             Access::Public => Vec::new(),
         })
         .collect();

@@ -233,7 +233,7 @@ pub fn claim_values(token: &str, names: &[&str]) -> Result<Vec<Option<String>>, 
     values
         .into_iter()
         .map(|value| match value {
-            Some(v) if !crate::decision::claim_fits_header(v) => Err(malformed(
+            Some(v) if !crate::decision::claim_fits_header(&v) => Err(malformed(
                 "a claim forwarded to the backend contains a control character",
             )),
             v => Ok(v.filter(|v| !v.is_empty())),

@@ -19,6 +19,8 @@ fn table() -> &'static RouteTable {
         let post = Methods::parse(["POST"]).expect("POST");
         let token = || Access::Token {
             require: vec!["duo_chat".into()],
+            require_any: Vec::new(),
+            user_tokens: true,
             unit_primitive_header: None,
         };
         let routes = [

@@ -50,6 +50,8 @@ fn route_strategy() -> impl Strategy<Value = Route> {
                 } else {
                     Access::Token {
                         require: vec!["duo_chat".into()],
+                        require_any: Vec::new(),
+                        user_tokens: true,
                         unit_primitive_header: None,
                     }
                 },

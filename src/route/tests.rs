@@ -118,6 +118,8 @@ fn token_route(pattern: Pattern, methods: Methods, backend: usize) -> Route {
     Route {
         access: Access::Token {
             require: vec!["duo_chat".into()],
+            require_any: Vec::new(),
+            user_tokens: true,
             unit_primitive_header: None,
         },
         ..route(pattern, methods, backend)
