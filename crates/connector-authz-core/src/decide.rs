@@ -11,7 +11,8 @@ use std::borrow::Cow;
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use crate::config::{Backend, Config, parse_algorithm};
+use crate::algorithm::parse_algorithm;
+use crate::config::{Backend, Config};
 use crate::decision::{Allowed, Decision, Denied, DenyReason, HeaderValue, Identity, Request};
 use crate::keys::{KeySnapshot, canonical_issuer};
 use crate::registry::{GitlabVersion, UnitPrimitive};

@@ -17,14 +17,14 @@ const INSTANCE: &str = "instance-1";
 
 fn key(n: usize) -> DevKey {
     let pem = [
-        include_str!("../../tests/fixtures/keys/test-rsa-2048-1.pem"),
-        include_str!("../../tests/fixtures/keys/test-rsa-2048-2.pem"),
+        include_str!("../../../../tests/fixtures/keys/test-rsa-2048-1.pem"),
+        include_str!("../../../../tests/fixtures/keys/test-rsa-2048-2.pem"),
     ][n - 1];
     DevKey::from_pkcs8_pem(pem, format!("k{n}")).unwrap()
 }
 
 fn snapshot() -> Snapshot {
-    let registry = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/cloud_connector");
+    let registry = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../config/cloud_connector");
     let yaml = format!(
         "issuers:
   - url: {ISS}/
@@ -159,7 +159,7 @@ fn each_row_of_the_decision_table() {
         b64url(&claims().to_string())
     );
     let unknown_kid = DevKey::from_pkcs8_pem(
-        include_str!("../../tests/fixtures/keys/test-rsa-2048-1.pem"),
+        include_str!("../../../../tests/fixtures/keys/test-rsa-2048-1.pem"),
         "other",
     )
     .unwrap()
@@ -379,7 +379,7 @@ fn an_allow_carries_the_identity_and_a_deny_its_backend() {
 #[test]
 fn an_unknown_kid_asks_for_a_refresh_of_that_issuer_only() {
     let other = DevKey::from_pkcs8_pem(
-        include_str!("../../tests/fixtures/keys/test-rsa-2048-1.pem"),
+        include_str!("../../../../tests/fixtures/keys/test-rsa-2048-1.pem"),
         "rotated",
     )
     .unwrap();

@@ -12,7 +12,7 @@ use super::{
     BackendService, Deprecation, GitlabRealm, GitlabVersion, Registry, Service, Timestamp,
     UnitPrimitive, is_valid_name, known_names,
 };
-use crate::config::ConfigError;
+use crate::error::ConfigError;
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]

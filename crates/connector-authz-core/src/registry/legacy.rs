@@ -13,7 +13,7 @@ use super::yaml::{self, line};
 use super::{
     BackendService, GitlabVersion, Registry, Service, Timestamp, UnitPrimitive, is_valid_name,
 };
-use crate::config::ConfigError;
+use crate::error::ConfigError;
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]

@@ -417,7 +417,7 @@ fn empty_file_is_rejected() {
 
 #[test]
 fn shipped_layout_loads() {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/cloud_connector");
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../config/cloud_connector");
     let registry = Registry::load(&root).unwrap();
     for name in [
         "code_suggestions",
@@ -454,7 +454,7 @@ fn shipped_layout_loads() {
 
 #[test]
 fn shipped_legacy_file_matches_shipped_layout_where_they_overlap() {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("config");
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../config");
     let layout = Registry::load(&root.join("cloud_connector")).unwrap();
     let legacy = Registry::load(&root.join("cloud_connector_legacy.yml")).unwrap();
     for up in legacy.unit_primitives() {
