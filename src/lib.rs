@@ -21,6 +21,8 @@ pub mod keys {
     pub mod cache;
     pub mod fetch;
     pub mod refresh;
+
+    pub use refresh::{KeyManager, missing_issuers};
 }
 
 pub mod cli;

@@ -13,8 +13,6 @@ use jsonwebtoken::{Algorithm, DecodingKey};
 
 pub mod jwks;
 
-pub use refresh::{KeyManager, missing_issuers};
-
 /// Where a key set came from; shown in logs, readiness and `explain`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum KeySource {
