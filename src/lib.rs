@@ -1,23 +1,35 @@
 //! connector-authz: an Envoy external authorization (ext_authz v3) sidecar that lets a
 //! backend accept only requests carrying a valid GitLab Cloud Connector service token
 //! with the unit primitives the requested path needs.
+//!
+//! The decision itself (config, registry, routes, tokens, keys, `decide`) is the
+//! `connector_authz_core` crate (crates/connector-authz-core); this crate re-exports its
+//! modules under their old names and adds what needs a runtime or the network: gRPC,
+//! admin endpoints, key fetching and refresh, reload, metrics and the CLI.
 #![forbid(unsafe_code)]
 
+pub use connector_authz_core::{
+    algorithm, config, decide, decision, dev, error, fetch_url, registry, route, token,
+    token_cache, verify,
+};
+
+/// Issuers' public keys: the snapshot and JWKS parsing come from the core; fetching, the
+/// on-disk key cache and the refresh tasks live here.
+pub mod keys {
+    pub use connector_authz_core::keys::*;
+
+    pub mod cache;
+    pub mod fetch;
+    pub mod refresh;
+
+    pub use refresh::{KeyManager, missing_issuers};
+}
+
 pub mod cli;
-pub mod config;
-pub mod decide;
-pub mod decision;
-pub mod dev;
 pub mod devmode;
 pub mod explain;
 pub mod grpc;
-pub mod keys;
 pub mod metrics;
 pub mod proto;
-pub mod registry;
-pub mod route;
 pub mod serve;
-pub mod token;
-pub mod token_cache;
 pub mod transport;
-pub mod verify;

@@ -8,7 +8,6 @@
 use std::fmt;
 use std::future::Future;
 use std::io::Read as _;
-use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::time::{Duration, SystemTime};
@@ -18,6 +17,7 @@ use serde_json::Value;
 
 use super::jwks::{JwksError, KeyLimits, ParsedKeySet, parse_key_set};
 use super::{KeySource, canonical_issuer};
+pub use connector_authz_core::fetch_url::check_url;
 
 /// The future a [`Fetcher`] returns.
 pub type FetchFuture<'a> = Pin<Box<dyn Future<Output = Result<Bytes, FetchError>> + Send + 'a>>;
@@ -94,34 +94,6 @@ pub enum FetchError {
         #[source]
         source: std::io::Error,
     },
-}
-
-/// Whether we may fetch from `url`: `https://` always, plain `http://` only for loopback
-/// hosts (tests and local development), nothing else. Config validation uses it too.
-pub fn check_url(url: &str) -> Result<(), String> {
-    let parsed =
-        reqwest::Url::parse(url).map_err(|e| format!("{url:?} is not a valid URL ({e})"))?;
-    if !parsed.username().is_empty() || parsed.password().is_some() {
-        // Credentials in a URL end up in logs and error messages.
-        return Err("URLs with credentials (user:password@) are not allowed".into());
-    }
-    let host = parsed.host_str().unwrap_or_default();
-    match parsed.scheme() {
-        "https" if !host.is_empty() => Ok(()),
-        "http" if is_loopback(host) => Ok(()),
-        "http" => Err(format!(
-            "plain http:// is allowed only for loopback hosts (127.0.0.1, ::1, localhost); \
-             use https:// for {host}"
-        )),
-        scheme => Err(format!("scheme {scheme:?} is not supported; use https://")),
-    }
-}
-
-fn is_loopback(host: &str) -> bool {
-    // IPv6 hosts come bracketed from the URL parser.
-    let bare = host.trim_start_matches('[').trim_end_matches(']');
-    host.eq_ignore_ascii_case("localhost")
-        || bare.parse::<IpAddr>().is_ok_and(|ip| ip.is_loopback())
 }
 
 /// The discovery URL for an issuer; an issuer URL with a trailing slash does not get two.

@@ -23,10 +23,10 @@
 //! name. It must not know about routes, tokens or requests; the route table asks it questions.
 //!
 //! ```
-//! use connector_authz::registry::{GitlabVersion, Registry};
+//! use connector_authz_core::registry::{GitlabVersion, Registry};
 //! use std::path::Path;
 //!
-//! let registry = Registry::load(Path::new("config/cloud_connector")).unwrap();
+//! let registry = Registry::load(Path::new("../../config/cloud_connector")).unwrap();
 //! let chat = registry.unit_primitive("duo_chat").unwrap();
 //! assert!(registry.delivered_by("duo_chat", "ai_gateway"));
 //! assert!(chat.min_gitlab_version.as_ref().unwrap() <= &"17.3.0-ee".parse::<GitlabVersion>().unwrap());
@@ -46,7 +46,7 @@ use std::path::Path;
 
 use serde::Deserialize;
 
-use crate::config::ConfigError;
+use crate::error::ConfigError;
 
 pub use timestamp::{ParseTimestampError, Timestamp};
 pub use version::{GitlabVersion, ParseVersionError};

@@ -4,7 +4,6 @@
 //! and reported with the file, the line and what to do. What requests use afterwards
 //! (the [`RouteTable`], the issuer index) cannot fail a lookup.
 
-mod error;
 mod raw;
 
 use std::collections::HashMap;
@@ -15,10 +14,10 @@ use std::time::Duration;
 
 use jsonwebtoken::Algorithm;
 
-pub use error::ConfigError;
-
+pub use crate::algorithm::parse_algorithm;
+pub use crate::error::ConfigError;
+use crate::fetch_url::check_url;
 use crate::keys::canonical_issuer;
-use crate::keys::fetch::check_url;
 use crate::registry::Registry;
 use crate::route::{Access, Methods, Pattern, Route, RouteTable, normalize_path};
 use raw::{RawBackend, RawConfig, RawIssuer, RawRoute, Spanned};
@@ -872,33 +871,6 @@ fn is_header_name(name: &str) -> bool {
         && name
             .bytes()
             .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_')
-}
-
-/// Signing algorithms a service token may use: asymmetric only. `none` and the HMAC
-/// family are refused outright, since an HMAC "key" would be the issuer's public key.
-pub fn parse_algorithm(name: &str) -> Result<Algorithm, String> {
-    let alg = match name {
-        "RS256" => Algorithm::RS256,
-        "RS384" => Algorithm::RS384,
-        "RS512" => Algorithm::RS512,
-        "PS256" => Algorithm::PS256,
-        "PS384" => Algorithm::PS384,
-        "PS512" => Algorithm::PS512,
-        "ES256" => Algorithm::ES256,
-        "ES384" => Algorithm::ES384,
-        "EdDSA" => Algorithm::EdDSA,
-        n if n.eq_ignore_ascii_case("none") || n.to_ascii_uppercase().starts_with("HS") => {
-            return Err(format!(
-                "{n:?} is never accepted: only asymmetric signatures (RS256, PS256, ES256, ...) prove who signed"
-            ));
-        }
-        n => {
-            return Err(format!(
-                "{n:?} is not a JWS algorithm this service knows; use RS256, RS384, RS512, PS256, PS384, PS512, ES256, ES384 or EdDSA"
-            ));
-        }
-    };
-    Ok(alg)
 }
 
 #[cfg(test)]

@@ -7,7 +7,7 @@ use std::path::Path;
 use serde::de::DeserializeOwned;
 use serde_saphyr::{Budget, Options, Spanned};
 
-use crate::config::ConfigError;
+use crate::error::ConfigError;
 
 /// Largest registry file accepted. The biggest real file (the generated legacy
 /// `cloud_connector.yml`) is tens of kilobytes; anything near this is a mistake or an attack.

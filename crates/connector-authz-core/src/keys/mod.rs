@@ -1,5 +1,5 @@
-//! Issuers' public keys: the immutable [`KeySnapshot`] that requests read, and
-//! (in submodules) how key sets are parsed, fetched and kept fresh.
+//! Issuers' public keys: the immutable [`KeySnapshot`] that requests read, and how key
+//! sets are parsed ([`jwks`]). Fetching and refreshing them is the sidecar's job.
 //!
 //! A snapshot is never mutated: a refresh builds a new [`KeySet`] for one issuer and
 //! swaps a whole new snapshot in. Keys of one issuer never verify another issuer's token,
@@ -11,12 +11,7 @@ use std::time::SystemTime;
 
 use jsonwebtoken::{Algorithm, DecodingKey};
 
-pub mod cache;
-pub mod fetch;
 pub mod jwks;
-pub mod refresh;
-
-pub use refresh::{KeyManager, missing_issuers};
 
 /// Where a key set came from; shown in logs, readiness and `explain`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -12,7 +12,8 @@ use std::borrow::Cow;
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use crate::config::{Backend, Config, Mode, parse_algorithm};
+use crate::algorithm::parse_algorithm;
+use crate::config::{Backend, Config, Mode};
 use crate::decision::{
     Allowed, Decision, Denied, DenyReason, ForwardedHeader, HeaderValue, Identity, Request,
     claim_fits_header, scope_fits_header,

@@ -429,7 +429,7 @@ fn empty_file_is_rejected() {
 
 #[test]
 fn shipped_layout_loads() {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/cloud_connector");
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../config/cloud_connector");
     let registry = Registry::load(&root).unwrap();
     for name in [
         "code_suggestions",
@@ -473,7 +473,7 @@ fn shipped_layout_loads() {
 
 #[test]
 fn shipped_legacy_file_matches_shipped_layout_where_they_overlap() {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("config");
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../config");
     let layout = Registry::load(&root.join("cloud_connector")).unwrap();
     let legacy = Registry::load(&root.join("cloud_connector_legacy.yml")).unwrap();
     for up in legacy.unit_primitives() {
@@ -736,7 +736,7 @@ fn legacy_alias_bomb_is_rejected() {
 
 fn fixture(rel: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures/gitlab")
+        .join("../../tests/fixtures/gitlab")
         .join(rel)
 }
 
@@ -802,7 +802,7 @@ backends:
 fn gitlab_docs_service_example_loads_over_the_shipped_registry() {
     let dir = tempfile::tempdir().unwrap();
     copy_dir(
-        &Path::new(env!("CARGO_MANIFEST_DIR")).join("config/cloud_connector"),
+        &Path::new(env!("CARGO_MANIFEST_DIR")).join("../../config/cloud_connector"),
         dir.path(),
     );
     fs::copy(
@@ -883,7 +883,7 @@ fn gitlab_access_data_yml_loads_and_agrees_with_the_shipped_registry() {
     assert!(!legacy.add_ons.iter().any(|a| a.starts_with('_')));
 
     let shipped =
-        Registry::load(&Path::new(env!("CARGO_MANIFEST_DIR")).join("config/cloud_connector"))
+        Registry::load(&Path::new(env!("CARGO_MANIFEST_DIR")).join("../../config/cloud_connector"))
             .unwrap();
     for up in legacy.unit_primitives() {
         let ours = shipped

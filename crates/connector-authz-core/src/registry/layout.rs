@@ -12,7 +12,7 @@ use super::{
     BackendService, Deprecation, GitlabRealm, GitlabVersion, Registry, Service, Timestamp,
     UnitPrimitive, UnknownField, is_valid_name, known_names,
 };
-use crate::config::ConfigError;
+use crate::error::ConfigError;
 
 /// One `unit_primitives/*.yml` file. Only `name` is required here: GitLab's schema also
 /// requires the text fields, but the gem's own README example omits them, and they do not

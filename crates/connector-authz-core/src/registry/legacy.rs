@@ -14,7 +14,7 @@ use super::{
     BackendService, GitlabVersion, Registry, Service, Timestamp, UnitPrimitive, UnknownField,
     is_valid_name,
 };
-use crate::config::ConfigError;
+use crate::error::ConfigError;
 
 /// The whole file. Keys this struct does not name are reported as unknown fields.
 #[derive(Deserialize)]

@@ -185,7 +185,7 @@ mod tests {
     use jsonwebtoken::Algorithm;
     use std::time::SystemTime;
 
-    const FIXTURE: &str = include_str!("../tests/fixtures/keys/test-rsa-2048-1.pem");
+    const FIXTURE: &str = include_str!("../../../tests/fixtures/keys/test-rsa-2048-1.pem");
 
     fn verifies(token: &str, key: &DevKey) -> bool {
         let jwks = serde_json::to_vec(&DevKey::key_set_json(&[key])).expect("json");

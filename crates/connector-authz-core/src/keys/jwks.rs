@@ -14,13 +14,13 @@
 use std::collections::HashSet;
 use std::time::SystemTime;
 
-use aws_lc_rs::digest;
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use jsonwebtoken::{Algorithm, DecodingKey};
 use serde_json::{Map, Value};
+use sha2::{Digest as _, Sha256};
 
-use crate::config::parse_algorithm;
+use crate::algorithm::parse_algorithm;
 
 use super::{KeySet, KeySource, VerifyingKey};
 
@@ -357,11 +357,7 @@ fn ec_key(object: &Map<String, Value>) -> Result<(Algorithm, DecodingKey, u64), 
     point.extend_from_slice(&x);
     point.extend_from_slice(&y);
     // An off-curve point would only fail at verification time; refuse it now.
-    let verify_alg: &'static aws_lc_rs::signature::EcdsaVerificationAlgorithm = match alg {
-        Algorithm::ES256 => &aws_lc_rs::signature::ECDSA_P256_SHA256_FIXED,
-        _ => &aws_lc_rs::signature::ECDSA_P384_SHA384_FIXED,
-    };
-    if aws_lc_rs::signature::ParsedPublicKey::new(verify_alg, &point).is_err() {
+    if !ec_point_on_curve(alg, &point) {
         return Err(format!("EC point is not on curve {crv}"));
     }
     let fingerprint = fingerprint(&[b"EC", crv.as_bytes(), &x, &y]);
@@ -378,7 +374,7 @@ fn ed25519_key(object: &Map<String, Value>) -> Result<(DecodingKey, u64), String
         return Err("Ed25519 public key \"x\" must be 32 bytes".into());
     }
     // An invalid point would only fail at verification time; refuse it now.
-    if aws_lc_rs::signature::ParsedPublicKey::new(&aws_lc_rs::signature::ED25519, &x).is_err() {
+    if !ed25519_point_valid(&x) {
         return Err("Ed25519 public key \"x\" is not a valid point".into());
     }
     let fingerprint = fingerprint(&[b"OKP", crv.as_bytes(), &x]);
@@ -386,17 +382,55 @@ fn ed25519_key(object: &Map<String, Value>) -> Result<(DecodingKey, u64), String
     Ok((DecodingKey::from_ed_der(&x), fingerprint))
 }
 
+/// Whether an uncompressed SEC1 point lies on the curve of `alg` (ES256 or ES384).
+#[cfg(feature = "aws-lc")]
+fn ec_point_on_curve(alg: Algorithm, point: &[u8]) -> bool {
+    use aws_lc_rs::signature::{
+        ECDSA_P256_SHA256_FIXED, ECDSA_P384_SHA384_FIXED, EcdsaVerificationAlgorithm,
+        ParsedPublicKey,
+    };
+    let verify_alg: &'static EcdsaVerificationAlgorithm = match alg {
+        Algorithm::ES256 => &ECDSA_P256_SHA256_FIXED,
+        _ => &ECDSA_P384_SHA384_FIXED,
+    };
+    ParsedPublicKey::new(verify_alg, point).is_ok()
+}
+
+/// Whether an uncompressed SEC1 point lies on the curve of `alg` (ES256 or ES384).
+#[cfg(all(feature = "rust-crypto", not(feature = "aws-lc")))]
+fn ec_point_on_curve(alg: Algorithm, point: &[u8]) -> bool {
+    match alg {
+        Algorithm::ES256 => p256::PublicKey::from_sec1_bytes(point).is_ok(),
+        _ => p384::PublicKey::from_sec1_bytes(point).is_ok(),
+    }
+}
+
+/// Whether 32 bytes are a valid Ed25519 public point.
+#[cfg(feature = "aws-lc")]
+fn ed25519_point_valid(x: &[u8]) -> bool {
+    use aws_lc_rs::signature::{ED25519, ParsedPublicKey};
+    ParsedPublicKey::new(&ED25519, x).is_ok()
+}
+
+/// Whether 32 bytes are a valid Ed25519 public point.
+#[cfg(all(feature = "rust-crypto", not(feature = "aws-lc")))]
+fn ed25519_point_valid(x: &[u8]) -> bool {
+    <[u8; 32]>::try_from(x)
+        .ok()
+        .is_some_and(|bytes| ed25519_dalek::VerifyingKey::from_bytes(&bytes).is_ok())
+}
+
 /// First 8 bytes of SHA-256 over the length-prefixed parts, so that a key keeps its
 /// fingerprint across refreshes, re-encodings and kid changes.
 fn fingerprint(parts: &[&[u8]]) -> u64 {
-    let mut context = digest::Context::new(&digest::SHA256);
+    let mut context = Sha256::new();
     for part in parts {
-        context.update(&(part.len() as u64).to_be_bytes());
+        context.update((part.len() as u64).to_be_bytes());
         context.update(part);
     }
-    let hash = context.finish();
+    let hash = context.finalize();
     let mut first = [0u8; 8];
-    first.copy_from_slice(&hash.as_ref()[..8]);
+    first.copy_from_slice(&hash[..8]);
     u64::from_be_bytes(first)
 }
 
@@ -408,15 +442,15 @@ mod tests {
 
     fn test_key(n: usize) -> DevKey {
         let pem = match n {
-            1 => include_str!("../../tests/fixtures/keys/test-rsa-2048-1.pem"),
-            _ => include_str!("../../tests/fixtures/keys/test-rsa-2048-2.pem"),
+            1 => include_str!("../../../../tests/fixtures/keys/test-rsa-2048-1.pem"),
+            _ => include_str!("../../../../tests/fixtures/keys/test-rsa-2048-2.pem"),
         };
         DevKey::from_pkcs8_pem(pem, format!("test-{n}")).expect("fixture key loads")
     }
 
     fn small_jwk() -> Value {
         serde_json::from_str(include_str!(
-            "../../tests/fixtures/keys/test-rsa-1024.public.jwk.json"
+            "../../../../tests/fixtures/keys/test-rsa-1024.public.jwk.json"
         ))
         .expect("fixture JWK parses")
     }

@@ -17,14 +17,14 @@ const INSTANCE: &str = "instance-1";
 
 fn key(n: usize) -> DevKey {
     let pem = [
-        include_str!("../../tests/fixtures/keys/test-rsa-2048-1.pem"),
-        include_str!("../../tests/fixtures/keys/test-rsa-2048-2.pem"),
+        include_str!("../../../../tests/fixtures/keys/test-rsa-2048-1.pem"),
+        include_str!("../../../../tests/fixtures/keys/test-rsa-2048-2.pem"),
     ][n - 1];
     DevKey::from_pkcs8_pem(pem, format!("k{n}")).unwrap()
 }
 
 fn snapshot() -> Snapshot {
-    let registry = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/cloud_connector");
+    let registry = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../config/cloud_connector");
     let yaml = format!(
         "issuers:
   - url: {ISS}/
@@ -160,7 +160,7 @@ fn each_row_of_the_decision_table() {
         b64url(&claims().to_string())
     );
     let unknown_kid = DevKey::from_pkcs8_pem(
-        include_str!("../../tests/fixtures/keys/test-rsa-2048-1.pem"),
+        include_str!("../../../../tests/fixtures/keys/test-rsa-2048-1.pem"),
         "other",
     )
     .unwrap()
@@ -406,7 +406,7 @@ fn sub_and_scopes_that_cannot_be_headers_are_malformed() {
 #[test]
 fn an_unknown_kid_asks_for_a_refresh_of_that_issuer_only() {
     let other = DevKey::from_pkcs8_pem(
-        include_str!("../../tests/fixtures/keys/test-rsa-2048-1.pem"),
+        include_str!("../../../../tests/fixtures/keys/test-rsa-2048-1.pem"),
         "rotated",
     )
     .unwrap();
@@ -442,7 +442,7 @@ mod cache;
 /// A snapshot for the route options of issue 11: `require_any`, `user_tokens: false`,
 /// `forward_claims` and `mode: dry_run`.
 fn options_snapshot(mode: &str) -> Snapshot {
-    let registry = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/cloud_connector");
+    let registry = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../config/cloud_connector");
     let yaml = format!(
         "issuers:
   - url: {ISS}
@@ -711,7 +711,7 @@ fn dry_run_allows_every_denial_but_bad_path_and_says_why() {
 #[test]
 fn decides_on_gitlabs_access_data_yml() {
     let registry =
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/gitlab/access_data.yml");
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/gitlab/access_data.yml");
     let yaml = format!(
         "issuers:
   - url: {ISS}
