@@ -283,3 +283,333 @@ impl std::fmt::Debug for TokenCache {
             .finish()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    //! The cache on its own: what an entry weighs, what the two bounds hold, and when a
+    //! held entry is handed out. (`decide`'s tests run it end to end with real signatures.)
+
+    use std::path::Path;
+
+    use jsonwebtoken::DecodingKey;
+
+    use super::*;
+    use crate::keys::{KeySet, KeySource, VerifyingKey};
+
+    const ISS: &str = "https://issuer.test";
+    const NOW: i64 = 1_800_000_000;
+    /// The heap block overhead the estimate charges per allocation.
+    const BLOCK: usize = 16;
+
+    fn config() -> Config {
+        let yaml = format!(
+            "issuers:
+  - url: {ISS}
+    jwks_file: unused.json
+backends:
+  - name: backend
+    audience: backend
+    routes:
+      - prefix: /
+        public: true
+"
+        );
+        Config::from_yaml(&yaml, Path::new("/test/config.yaml")).unwrap()
+    }
+
+    /// The issuer's keys: one per (kid, fingerprint), no `alg` pinned. The key material is
+    /// never used here: the cache compares fingerprints, it does not verify.
+    fn keys(published: &[(Option<&str>, u64)]) -> KeySnapshot {
+        let keys = published
+            .iter()
+            .map(|&(kid, fingerprint)| VerifyingKey {
+                kid: kid.map(str::to_string),
+                alg: None,
+                key: DecodingKey::from_secret(b"unused"),
+                fingerprint,
+            })
+            .collect();
+        KeySnapshot::default().with_issuer(
+            ISS.into(),
+            Arc::new(KeySet::new(keys, KeySource::File, std::time::UNIX_EPOCH)),
+        )
+    }
+
+    fn claims() -> Claims {
+        Claims {
+            iss: Some(ISS.into()),
+            exp: Some(NOW + 600),
+            ..Claims::default()
+        }
+    }
+
+    fn verified(claims: Claims, kid: Option<&str>, fingerprint: u64) -> Arc<VerifiedToken> {
+        Arc::new(VerifiedToken::new(
+            claims,
+            ISS.into(),
+            Algorithm::RS256,
+            kid,
+            fingerprint,
+        ))
+    }
+
+    fn footprint(claims: Claims, kid: Option<&str>) -> usize {
+        VerifiedToken::new(claims, ISS.into(), Algorithm::RS256, kid, 0).footprint
+    }
+
+    #[test]
+    fn an_empty_entry_weighs_its_shared_block() {
+        // The Arc's allocation: the two reference counts, the value, one heap block.
+        assert_eq!(
+            footprint(Claims::default(), None),
+            size_of::<VerifiedToken>() + 2 * size_of::<usize>() + BLOCK
+        );
+    }
+
+    #[test]
+    fn every_string_an_entry_holds_is_counted_with_its_block() {
+        let empty = footprint(Claims::default(), None);
+        let grown = |claims: Claims, kid: Option<&str>| footprint(claims, kid) - empty;
+        let text = |n: usize| Some("x".repeat(n));
+        // Distinct lengths, so that a field counted twice or as another's shows.
+        let cases: [(&str, Claims, usize); 5] = [
+            (
+                "iss",
+                Claims {
+                    iss: text(101),
+                    ..Claims::default()
+                },
+                101,
+            ),
+            (
+                "sub",
+                Claims {
+                    sub: text(202),
+                    ..Claims::default()
+                },
+                202,
+            ),
+            (
+                "jti",
+                Claims {
+                    jti: text(303),
+                    ..Claims::default()
+                },
+                303,
+            ),
+            (
+                "gitlab_realm",
+                Claims {
+                    gitlab_realm: text(404),
+                    ..Claims::default()
+                },
+                404,
+            ),
+            (
+                "gitlab_instance_id",
+                Claims {
+                    gitlab_instance_id: text(505),
+                    ..Claims::default()
+                },
+                505,
+            ),
+        ];
+        for (field, claims, len) in cases {
+            assert_eq!(grown(claims, None), len + BLOCK, "{field}");
+        }
+        assert_eq!(grown(Claims::default(), Some("kid-1")), 5 + BLOCK, "kid");
+        let one = Claims {
+            aud: Some(Audience::One("a".repeat(606))),
+            ..Claims::default()
+        };
+        assert_eq!(grown(one, None), 606 + BLOCK, "aud as a string");
+    }
+
+    #[test]
+    fn a_list_is_counted_with_its_elements_and_its_buffer() {
+        let empty = footprint(Claims::default(), None);
+        // A Vec of n strings: its buffer (n String headers, one block) and each string's block.
+        let list = |lens: &[usize]| {
+            lens.iter().map(|n| n + BLOCK).sum::<usize>() + lens.len() * size_of::<String>() + BLOCK
+        };
+        for lens in [&[][..], &[7], &[7, 70, 700]] {
+            let strings: Vec<String> = lens.iter().map(|&n| "s".repeat(n)).collect();
+            let aud = Claims {
+                aud: Some(Audience::Many(strings.clone())),
+                ..Claims::default()
+            };
+            assert_eq!(footprint(aud, None) - empty, list(lens), "aud {lens:?}");
+            let scopes = Claims {
+                scopes: Some(strings),
+                ..Claims::default()
+            };
+            assert_eq!(
+                footprint(scopes, None) - empty,
+                list(lens),
+                "scopes {lens:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn an_entry_weighs_its_token_its_claims_and_its_slot_but_at_least_the_floor() {
+        // 1 MiB over 1,000 entries: no entry weighs less than 1,048 bytes.
+        let cache = TokenCache::new(1_000, 1 << 20);
+        let big = verified(
+            Claims {
+                sub: Some("s".repeat(3_000)),
+                ..claims()
+            },
+            Some("k1"),
+            1,
+        );
+        let token = "t".repeat(2_000);
+        cache.insert(&token, Arc::clone(&big));
+        assert_eq!(
+            cache.weight(),
+            (2_000 + BLOCK + big.footprint + ENTRY_OVERHEAD) as u64
+        );
+
+        let floor = TokenCache::new(1_000, 1 << 20);
+        let small = verified(claims(), Some("k1"), 1);
+        assert!(10 + BLOCK + small.footprint + ENTRY_OVERHEAD < 1_048);
+        floor.insert("small.token", small);
+        assert_eq!(floor.weight(), 1_048);
+    }
+
+    #[test]
+    fn cache_bytes_bounds_the_tokens_held() {
+        let bytes = 64 * 1024;
+        let token_len = 4 * 1024;
+        let cache = TokenCache::new(10_000, bytes);
+        for i in 0..200 {
+            let token = format!("{i:04}{}", "t".repeat(token_len - 4));
+            cache.insert(&token, verified(claims(), Some("k1"), 1));
+            assert!(cache.weight() <= bytes, "{} bytes held", cache.weight());
+            // The tokens alone already fill the bound: the weight counts every byte of them.
+            assert!(
+                cache.len() * token_len <= bytes as usize,
+                "{} tokens of {token_len} bytes held in {bytes} bytes",
+                cache.len()
+            );
+        }
+        assert!(!cache.is_empty());
+    }
+
+    #[test]
+    fn enabled_only_with_room_in_both_bounds() {
+        let cache = TokenCache::new(16, 1 << 20);
+        assert!(cache.is_enabled());
+        assert!(cache.is_empty());
+        cache.insert("a.b.c", verified(claims(), Some("k1"), 1));
+        assert!(!cache.is_empty());
+        assert_eq!(cache.len(), 1);
+
+        for off in [TokenCache::new(0, 1 << 20), TokenCache::new(16, 0)] {
+            assert!(!off.is_enabled(), "{off:?}");
+            off.insert("a.b.c", verified(claims(), Some("k1"), 1));
+            assert!(off.is_empty(), "{off:?}");
+            assert_eq!(off.weight(), 0);
+            assert!(
+                off.get("a.b.c", &config(), &keys(&[(Some("k1"), 1)]), NOW)
+                    .is_none()
+            );
+            assert_eq!((off.hits(), off.misses()), (0, 0));
+        }
+        assert!(!TokenCache::disabled().is_enabled());
+    }
+
+    #[test]
+    fn a_key_replaced_under_the_same_kid_ends_the_entry() {
+        let cache = TokenCache::new(16, 1 << 20);
+        let config = config();
+        cache.insert("a.b.c", verified(claims(), Some("k1"), 1));
+        assert!(
+            cache
+                .get("a.b.c", &config, &keys(&[(Some("k1"), 1)]), NOW)
+                .is_some()
+        );
+        assert_eq!((cache.hits(), cache.misses()), (1, 0));
+        // Same kid, other key material: the cached verification says nothing about it.
+        let replaced = keys(&[(Some("k1"), 2)]);
+        assert!(cache.get("a.b.c", &config, &replaced, NOW).is_none());
+        assert_eq!((cache.hits(), cache.misses(), cache.len()), (1, 1, 0));
+    }
+
+    #[test]
+    fn an_entry_is_used_only_while_its_issuer_and_algorithm_still_are() {
+        let config = config();
+        let published = keys(&[(Some("k1"), 1)]);
+        let held = |entry: Arc<VerifiedToken>, config: &Config| {
+            let cache = TokenCache::new(16, 1 << 20);
+            cache.insert("a.b.c", entry);
+            let hit = cache.get("a.b.c", config, &published, NOW).is_some();
+            assert_eq!(cache.len(), usize::from(hit), "a stale entry is removed");
+            hit
+        };
+        assert!(held(verified(claims(), Some("k1"), 1), &config));
+
+        let mut es256_only = config.clone();
+        es256_only.tokens.algorithms = vec![Algorithm::ES256];
+        assert!(!held(verified(claims(), Some("k1"), 1), &es256_only));
+
+        let unknown_issuer = Claims {
+            iss: Some("https://elsewhere.test".into()),
+            ..claims()
+        };
+        assert!(!held(verified(unknown_issuer, Some("k1"), 1), &config));
+
+        // Verified as another configured issuer than the one its `iss` names now.
+        let other_issuer = VerifiedToken::new(
+            claims(),
+            "https://other.test".into(),
+            Algorithm::RS256,
+            Some("k1"),
+            1,
+        );
+        assert!(!held(Arc::new(other_issuer), &config));
+
+        let no_keys = TokenCache::new(16, 1 << 20);
+        no_keys.insert("a.b.c", verified(claims(), Some("k1"), 1));
+        assert!(
+            no_keys
+                .get("a.b.c", &config, &KeySnapshot::default(), NOW)
+                .is_none()
+        );
+    }
+
+    #[test]
+    fn an_entry_expires_at_exp_plus_leeway() {
+        let entry = verified(claims(), None, 0);
+        let exp = NOW + 600;
+        assert!(!entry.expired(exp + 29, 30));
+        assert!(entry.expired(exp + 30, 30));
+        assert!(!entry.expired(exp - 1, 0));
+        assert!(entry.expired(exp, 0));
+        let no_exp = verified(
+            Claims {
+                exp: None,
+                ..claims()
+            },
+            None,
+            0,
+        );
+        assert!(no_exp.expired(NOW, 30));
+        // Through the cache, with the configuration's 30 s of leeway.
+        let cache = TokenCache::new(16, 1 << 20);
+        let (config, published) = (config(), keys(&[(None, 7)]));
+        cache.insert("a.b.c", verified(claims(), None, 7));
+        assert!(cache.get("a.b.c", &config, &published, exp + 29).is_some());
+        assert!(cache.get("a.b.c", &config, &published, exp + 30).is_none());
+        assert!(cache.is_empty());
+    }
+
+    #[test]
+    fn debug_shows_the_state() {
+        let cache = TokenCache::new(16, 1 << 20);
+        cache.insert("a.b.c", verified(claims(), Some("k1"), 1));
+        let shown = format!("{cache:?}");
+        assert!(shown.contains("enabled: true"), "{shown}");
+        assert!(shown.contains("len: 1"), "{shown}");
+    }
+}

@@ -252,4 +252,52 @@ mod tests {
             DenyReason::WrongAudience
         );
     }
+
+    fn key(kid: Option<&str>, alg: Option<Algorithm>, fingerprint: u64) -> VerifyingKey {
+        VerifyingKey {
+            kid: kid.map(str::to_string),
+            alg,
+            key: jsonwebtoken::DecodingKey::from_secret(b"unused"),
+            fingerprint,
+        }
+    }
+
+    fn set(keys: Vec<VerifyingKey>) -> KeySet {
+        KeySet::new(keys, crate::keys::KeySource::File, std::time::UNIX_EPOCH)
+    }
+
+    #[test]
+    fn a_cached_verification_needs_the_same_key_under_its_kid() {
+        let rs = Algorithm::RS256;
+        let published = set(vec![key(Some("k1"), None, 1), key(Some("k2"), Some(rs), 2)]);
+        assert!(would_use_key(&published, Some("k1"), rs, 1));
+        assert!(would_use_key(&published, Some("k2"), rs, 2));
+        // Another key published under the same kid: the old verification says nothing.
+        let replaced = set(vec![key(Some("k1"), None, 9)]);
+        assert!(!would_use_key(&replaced, Some("k1"), rs, 1));
+        // The same key under another kid is not the key the token names.
+        assert!(!would_use_key(&published, Some("k1"), rs, 2));
+        assert!(!would_use_key(&published, Some("k3"), rs, 1));
+        // The key is now pinned to another algorithm.
+        let pinned = set(vec![key(Some("k1"), Some(Algorithm::ES256), 1)]);
+        assert!(!would_use_key(&pinned, Some("k1"), rs, 1));
+    }
+
+    #[test]
+    fn a_kid_less_verification_needs_its_key_among_those_tried() {
+        let rs = Algorithm::RS256;
+        // The first keys that accept RS256, in order; a key pinned to ES256 is skipped.
+        let mut keys = vec![key(None, Some(Algorithm::ES256), 100)];
+        keys.extend((1..=6).map(|n| key(None, None, n)));
+        let published = set(keys);
+        for tried in 1..=4 {
+            assert!(would_use_key(&published, None, rs, tried), "key {tried}");
+        }
+        assert!(
+            !would_use_key(&published, None, rs, 5),
+            "past the keys tried"
+        );
+        assert!(!would_use_key(&published, None, rs, 100), "pinned to ES256");
+        assert!(would_use_key(&published, None, Algorithm::ES256, 100));
+    }
 }

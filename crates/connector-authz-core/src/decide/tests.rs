@@ -776,3 +776,32 @@ backends:
     let unknown = [("x-gitlab-unit-primitive", "summarize_reviews")];
     assert_eq!(run("/ai/v1/proxy/x", proxy, &unknown), "bad_unit_primitive");
 }
+
+#[test]
+fn a_clock_before_1970_is_negative_unix_seconds() {
+    assert_eq!(unix_seconds(UNIX_EPOCH), 0);
+    assert_eq!(
+        unix_seconds(UNIX_EPOCH + Duration::from_secs(NOW)),
+        NOW as i64
+    );
+    assert_eq!(
+        unix_seconds(UNIX_EPOCH - Duration::from_secs(86_400)),
+        -86_400
+    );
+    // A token valid only before 1970 is good at a clock set before 1970, not after it.
+    let old = change(claims(), json!({"iat": -200, "nbf": -200, "exp": -100}));
+    let token = key(1).sign(&old);
+    let decide_at = |now: SystemTime| {
+        let snapshot = snapshot();
+        reason(&decide_in(
+            &snapshot,
+            TokenCache::disabled(),
+            now,
+            "/ai/v2/code/x",
+            Some(&token),
+            &[],
+        ))
+    };
+    assert_eq!(decide_at(UNIX_EPOCH - Duration::from_secs(150)), "allow");
+    assert_eq!(decide_at(UNIX_EPOCH + Duration::from_secs(150)), "expired");
+}

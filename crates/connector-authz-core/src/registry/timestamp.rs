@@ -2,17 +2,18 @@
 //!
 //! Two spellings occur in the wild: RFC 3339 in the gitlab-cloud-connector layout
 //! (`2024-10-17T00:00:00+00:00`) and Ruby's `Time#to_s` in the legacy file
-//! (`2024-02-15 00:00:00 UTC`). Both are parsed here rather than with a date crate because
-//! nothing else in the sidecar needs calendar arithmetic.
+//! (`2024-02-15 00:00:00 UTC`). `jiff` parses and checks the calendar; this module only
+//! turns Ruby's spelling into RFC 3339 first and keeps the text for people.
 
 use std::fmt;
 use std::str::FromStr;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::SystemTime;
 
-/// An instant in UTC, with the text it was written as (shown back to people as-is).
+/// An instant in UTC, whole seconds, with the text it was written as (shown back to
+/// people as-is).
 #[derive(Debug, Clone)]
 pub struct Timestamp {
-    unix_seconds: i64,
+    instant: jiff::Timestamp,
     text: String,
 }
 
@@ -23,13 +24,13 @@ pub struct Timestamp {
 )]
 pub struct ParseTimestampError {
     text: String,
-    reason: &'static str,
+    reason: String,
 }
 
 impl Timestamp {
     /// Seconds since 1970-01-01T00:00:00Z.
     pub fn unix_seconds(&self) -> i64 {
-        self.unix_seconds
+        self.instant.as_second()
     }
 
     /// The text as written in the file.
@@ -37,30 +38,25 @@ impl Timestamp {
         &self.text
     }
 
-    /// Whether `now` is at or after this instant.
+    /// Whether `now` is at or after this instant. A clock beyond jiff's range (years
+    /// -9999 to 9999) is on the side of its sign.
     pub fn has_passed(&self, now: SystemTime) -> bool {
-        let now = match now.duration_since(UNIX_EPOCH) {
-            Ok(d) => i64::try_from(d.as_secs()).unwrap_or(i64::MAX),
-            Err(before) => -i64::try_from(before.duration().as_secs()).unwrap_or(i64::MAX),
-        };
-        now >= self.unix_seconds
+        match jiff::Timestamp::try_from(now) {
+            Ok(now) => now >= self.instant,
+            Err(_) => now > SystemTime::UNIX_EPOCH,
+        }
     }
 
     /// The instant as a `SystemTime`.
     pub fn to_system_time(&self) -> SystemTime {
-        let magnitude = Duration::from_secs(self.unix_seconds.unsigned_abs());
-        if self.unix_seconds >= 0 {
-            UNIX_EPOCH + magnitude
-        } else {
-            UNIX_EPOCH - magnitude
-        }
+        SystemTime::from(self.instant)
     }
 }
 
 /// Two timestamps are the same instant whatever their spelling.
 impl PartialEq for Timestamp {
     fn eq(&self, other: &Self) -> bool {
-        self.unix_seconds == other.unix_seconds
+        self.instant == other.instant
     }
 }
 
@@ -74,7 +70,7 @@ impl PartialOrd for Timestamp {
 
 impl Ord for Timestamp {
     fn cmp(&self, other: &Self) -> std::cmp::Ordering {
-        self.unix_seconds.cmp(&other.unix_seconds)
+        self.instant.cmp(&other.instant)
     }
 }
 
@@ -89,158 +85,91 @@ impl FromStr for Timestamp {
 
     /// Accepts `YYYY-MM-DD` + `T`/space + `HH:MM:SS[.fraction]` + a zone: `Z`, `UTC`,
     /// `±HH:MM` or `±HHMM` (optionally after a space). A time without a zone is rejected:
-    /// it would depend on where the sidecar runs.
+    /// it would depend on where the sidecar runs. Fractions of a second are dropped.
     fn from_str(text: &str) -> Result<Self, Self::Err> {
-        let fail = |reason| ParseTimestampError {
+        let fail = |reason: String| ParseTimestampError {
             text: text.to_string(),
             reason,
         };
-        let mut cur = Cursor(text.as_bytes());
-        let year = cur
-            .digits(4)
-            .ok_or_else(|| fail("the year needs four digits"))?;
-        cur.expect(b'-')
-            .ok_or_else(|| fail("expected '-' after the year"))?;
-        let month = cur
-            .digits(2)
-            .ok_or_else(|| fail("the month needs two digits"))?;
-        cur.expect(b'-')
-            .ok_or_else(|| fail("expected '-' after the month"))?;
-        let day = cur
-            .digits(2)
-            .ok_or_else(|| fail("the day needs two digits"))?;
-        if !(1..=12).contains(&month) {
-            return Err(fail("the month is out of range"));
-        }
-        if day < 1 || day > days_in_month(year, month) {
-            return Err(fail("the day is out of range for that month"));
-        }
-        if cur.is_empty() {
-            return Err(fail("it needs a time and a time zone"));
-        }
-        if cur.expect(b'T').is_none() && cur.expect(b't').is_none() && cur.expect(b' ').is_none() {
-            return Err(fail("expected 'T' or a space between date and time"));
-        }
-        let hour = cur
-            .digits(2)
-            .ok_or_else(|| fail("the hour needs two digits"))?;
-        cur.expect(b':')
-            .ok_or_else(|| fail("expected ':' after the hour"))?;
-        let minute = cur
-            .digits(2)
-            .ok_or_else(|| fail("the minute needs two digits"))?;
-        cur.expect(b':')
-            .ok_or_else(|| fail("expected ':' after the minute"))?;
-        let second = cur
-            .digits(2)
-            .ok_or_else(|| fail("the second needs two digits"))?;
-        // 60 would be a leap second; cut-off dates are whole days in practice, so refuse it
-        // rather than guess.
-        if hour > 23 || minute > 59 || second > 59 {
-            return Err(fail("the time is out of range"));
-        }
-        if cur.expect(b'.').is_some() {
-            // Sub-second precision cannot matter for a cut-off date; it is accepted and dropped.
-            if cur.digit_run() == 0 {
-                return Err(fail("expected digits after '.'"));
+        let (datetime, zone) = split_zone(text);
+        let zone = match zone {
+            "" => {
+                // Say what is wrong with the date and time first, if anything is.
+                let reason = match datetime.parse::<jiff::civil::DateTime>() {
+                    Err(e) => e.to_string(),
+                    Ok(_) if datetime.len() <= 10 => "it needs a time and a time zone".into(),
+                    Ok(_) => "it needs a time zone such as +00:00, Z or UTC".into(),
+                };
+                return Err(fail(reason));
             }
-        }
-        let _ = cur.expect(b' ');
-        let offset_seconds: i64 = match cur.rest() {
-            b"Z" | b"z" | b"UTC" => 0,
-            b"" => return Err(fail("it needs a time zone such as +00:00, Z or UTC")),
-            [sign @ (b'+' | b'-'), rest @ ..] => {
-                let mut zone = Cursor(rest);
-                let hours = zone.digits(2);
-                let _ = zone.expect(b':');
-                let minutes = zone.digits(2);
-                match (hours, minutes, zone.is_empty()) {
-                    (Some(h), Some(m), true) if h <= 23 && m <= 59 => {
-                        let magnitude = i64::from(h) * 3600 + i64::from(m) * 60;
-                        if *sign == b'-' { -magnitude } else { magnitude }
-                    }
-                    _ => return Err(fail("the time zone must look like +00:00")),
-                }
-            }
-            _ => return Err(fail("the time zone must be Z, UTC or like +00:00")),
+            "UTC" | "Z" | "z" => "Z",
+            // jiff would also take ±HH, seconds and offsets up to ±25:59.
+            offset if is_plain_offset(offset) => offset,
+            _ => return Err(fail("the time zone must be Z, UTC or like +00:00".into())),
         };
-        let local = days_from_civil(i64::from(year), month, day) * 86_400
-            + i64::from(hour) * 3600
-            + i64::from(minute) * 60
-            + i64::from(second);
+        // jiff also takes other ISO 8601 shapes (no seconds, no dashes); a file's date
+        // has this one.
+        let shape = datetime.as_bytes();
+        let separator =
+            |at: usize, allowed: &[u8]| shape.get(at).is_some_and(|b| allowed.contains(b));
+        if !(separator(4, b"-") && separator(7, b"-") && separator(10, b"Tt ")) {
+            return Err(fail(
+                "the date must look like 2024-10-17, then 'T' or a space".into(),
+            ));
+        }
+        if !(separator(13, b":") && separator(16, b":") && shape.len() >= 19) {
+            return Err(fail("the time must look like 00:00:00".into()));
+        }
+        // A leap second (jiff would clamp it to :59); cut-off dates are whole days in
+        // practice, so refuse it rather than guess.
+        if datetime.get(17..19) == Some("60") {
+            return Err(fail("the time is out of range".into()));
+        }
+        let instant = format!("{datetime}{zone}")
+            .parse::<jiff::Timestamp>()
+            // Down to the whole second (jiff truncates toward 1970; a date before it floors).
+            .and_then(|t| {
+                jiff::Timestamp::from_second(t.as_second() - i64::from(t.subsec_nanosecond() < 0))
+            })
+            .map_err(|e| fail(e.to_string()))?;
         Ok(Self {
-            unix_seconds: local - offset_seconds,
+            instant,
             text: text.to_string(),
         })
     }
 }
 
-struct Cursor<'a>(&'a [u8]);
-
-impl Cursor<'_> {
-    fn digits(&mut self, n: usize) -> Option<u32> {
-        let (head, tail) = self.0.split_at_checked(n)?;
-        if !head.iter().all(u8::is_ascii_digit) {
-            return None;
-        }
-        self.0 = tail;
-        Some(head.iter().fold(0, |acc, d| acc * 10 + u32::from(d - b'0')))
-    }
-
-    fn digit_run(&mut self) -> usize {
-        let n = self.0.iter().take_while(|b| b.is_ascii_digit()).count();
-        self.0 = &self.0[n..];
-        n
-    }
-
-    fn expect(&mut self, byte: u8) -> Option<()> {
-        let (first, tail) = self.0.split_first()?;
-        if *first != byte {
-            return None;
-        }
-        self.0 = tail;
-        Some(())
-    }
-
-    fn is_empty(&self) -> bool {
-        self.0.is_empty()
-    }
-
-    fn rest(&self) -> &[u8] {
-        self.0
-    }
+/// `text` split into its date and time, and its zone at the end: `UTC`, `Z` or an offset
+/// after the date (with one space before it, as Ruby writes it, or none); the zone is
+/// empty when there is none.
+fn split_zone(text: &str) -> (&str, &str) {
+    let zone_at = if text.ends_with("UTC") {
+        text.len() - 3
+    } else if text.ends_with(['Z', 'z']) {
+        text.len() - 1
+    } else {
+        // The date's own dashes end at byte 10.
+        text.get(10..)
+            .and_then(|time| time.rfind(['+', '-']))
+            .map_or(text.len(), |at| at + 10)
+    };
+    let (datetime, zone) = text.split_at(zone_at);
+    (datetime.strip_suffix(' ').unwrap_or(datetime), zone)
 }
 
-fn is_leap(year: u32) -> bool {
-    (year.is_multiple_of(4) && !year.is_multiple_of(100)) || year.is_multiple_of(400)
-}
-
-fn days_in_month(year: u32, month: u32) -> u32 {
-    match month {
-        2 if is_leap(year) => 29,
-        2 => 28,
-        4 | 6 | 9 | 11 => 30,
-        _ => 31,
-    }
-}
-
-/// Days from 1970-01-01 to a proleptic Gregorian date (month 1..=12, day validated).
-///
-/// Counts in 400-year eras starting on March 1st, where leap days fall at the end of the
-/// year, so the length of every earlier month in the shifted year is a fixed formula.
-fn days_from_civil(year: i64, month: u32, day: u32) -> i64 {
-    let year = if month <= 2 { year - 1 } else { year };
-    let era = year.div_euclid(400);
-    let year_of_era = year.rem_euclid(400);
-    let shifted_month = i64::from((month + 9) % 12); // March = 0
-    let day_of_year = (153 * shifted_month + 2) / 5 + i64::from(day) - 1;
-    let day_of_era = year_of_era * 365 + year_of_era / 4 - year_of_era / 100 + day_of_year;
-    // 719_468 days lie between 0000-03-01 and 1970-01-01.
-    era * 146_097 + day_of_era - 719_468
+/// `±HH:MM` or `±HHMM` within a day.
+fn is_plain_offset(zone: &str) -> bool {
+    let digits = match *zone.as_bytes() {
+        [b'+' | b'-', h1, h2, b':', m1, m2] | [b'+' | b'-', h1, h2, m1, m2] => [h1, h2, m1, m2],
+        _ => return false,
+    };
+    digits.iter().all(u8::is_ascii_digit) && digits[..2] <= b"23"[..] && digits[2..] <= b"59"[..]
 }
 
 #[cfg(test)]
 mod tests {
+    use std::time::{Duration, UNIX_EPOCH};
+
     use super::*;
 
     fn ts(text: &str) -> Timestamp {
@@ -274,6 +203,32 @@ mod tests {
     }
 
     #[test]
+    fn the_reason_says_what_is_wrong() {
+        let reason = |text: &str| text.parse::<Timestamp>().unwrap_err().to_string();
+        assert!(
+            reason("2024-13-01T00:00:00Z").contains("month"),
+            "{}",
+            reason("2024-13-01T00:00:00Z")
+        );
+        assert!(
+            reason("2023-02-29T00:00:00Z").contains("day"),
+            "{}",
+            reason("2023-02-29T00:00:00Z")
+        );
+        assert!(reason("2024-02-15T00:00:00").contains("needs a time zone"));
+        assert!(reason("2024-02-15").contains("needs a time and a time zone"));
+        assert!(reason("2024-02-15T00:00:00+25:00").contains("like +00:00"));
+        assert!(reason("2024-02-15T23:59:60Z").contains("out of range"));
+    }
+
+    #[test]
+    fn fractions_and_lower_case_are_accepted() {
+        assert_eq!(ts("2024-02-15t00:00:00.999z"), ts("2024-02-15T00:00:00Z"));
+        assert_eq!(ts("1969-12-31T23:59:59.5Z").unix_seconds(), -1);
+        assert_eq!(ts("2024-02-15T05:30:00+0530"), ts("2024-02-15T00:00:00Z"));
+    }
+
+    #[test]
     fn knows_whether_it_has_passed() {
         let t = ts("2024-02-15T00:00:00Z");
         assert!(t.has_passed(t.to_system_time()));
@@ -297,6 +252,14 @@ mod tests {
             "2024-02-15T00:00:00.Z",
             "2024-02-15T00:00:00Z trailing",
             "tomorrow",
+            "2024-02-15T23:59:60Z",
+            "2024-02-15T00:00:00+05",
+            "2024-02-15T00:00:00+05:00:00",
+            "2024-02-15T00:00:00+24:00",
+            "2024-02-15T00:00:00+05:60",
+            "2024-02-15T00:00:00 UT",
+            "2024-02-15 00:00 UTC",
+            "2024-02-15T00:00:00+0é:00",
         ] {
             let err = bad.parse::<Timestamp>().unwrap_err();
             assert!(err.to_string().contains("write it like"), "{bad}: {err}");

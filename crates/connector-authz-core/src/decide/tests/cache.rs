@@ -321,3 +321,23 @@ fn hits_and_misses_reach_the_counters_given() {
     }
     assert_eq!((hits.get(), misses.get()), (2, 1));
 }
+
+#[test]
+fn another_key_under_the_same_kid_is_not_a_hit() {
+    let snap = snapshot();
+    let cache = mk_cache();
+    let token = key(1).sign(&claims());
+    assert!(decide_in(&snap, &cache, at(NOW), CODE, Some(&token), &[]).is_allow());
+    // The issuer now publishes other key material as k1: the token must verify again.
+    let impostor = DevKey::from_pkcs8_pem(
+        include_str!("../../../../../tests/fixtures/keys/test-rsa-2048-2.pem"),
+        "k1",
+    )
+    .unwrap();
+    let replaced = with_keys(&snap, &[&impostor]);
+    let d = decide_in(&replaced, &cache, at(NOW), CODE, Some(&token), &[]);
+    assert_eq!(d, uncached(&replaced, &token));
+    assert_eq!(reason(&d), "bad_signature");
+    assert_eq!(cache.hits(), 0);
+    assert_eq!(cache.len(), 0);
+}
