@@ -867,6 +867,8 @@ mod tests {
             reason: DenyReason::InsufficientScope,
             message: "scope missing".into(),
             backend: Some(Arc::from("ai_gateway")),
+            route: None,
+            claimed: None,
             refresh_issuer: None,
         });
         let response = to_response(&decision);
@@ -880,6 +882,7 @@ mod tests {
     fn allow_overwrites_identity_headers_and_records_metadata() {
         let decision = Decision::Allow(Allowed {
             backend: Arc::from("ai_gateway"),
+            route: None,
             identity: Some(mk_identity(None)),
             dry_run: None,
             removed_headers: Vec::new(),
@@ -933,6 +936,7 @@ mod tests {
     fn allow_with_a_unit_primitive_sets_its_header() {
         let decision = Decision::Allow(Allowed {
             backend: Arc::from("ai_gateway"),
+            route: None,
             identity: Some(mk_identity(Some("duo_chat"))),
             dry_run: None,
             removed_headers: Vec::new(),
@@ -962,6 +966,7 @@ mod tests {
         identity.scopes.clear();
         let response = to_response(&Decision::Allow(Allowed {
             backend: Arc::from("b"),
+            route: None,
             identity: Some(identity),
             dry_run: None,
             removed_headers: Vec::new(),
@@ -976,6 +981,7 @@ mod tests {
     fn public_allow_removes_smuggled_identity_headers() {
         let response = to_response(&Decision::Allow(Allowed {
             backend: Arc::from("ai_gateway"),
+            route: None,
             identity: None,
             dry_run: None,
             removed_headers: Vec::new(),
@@ -1008,6 +1014,7 @@ mod tests {
         if snapshot.keys.get(ISSUER).is_some() {
             Decision::Allow(Allowed {
                 backend: Arc::from("ai_gateway"),
+                route: None,
                 identity: Some(mk_identity(None)),
                 dry_run: None,
                 removed_headers: Vec::new(),
@@ -1017,6 +1024,8 @@ mod tests {
                 reason: DenyReason::UnknownKey,
                 message: "the token's key is not known".into(),
                 backend: Some(Arc::from("ai_gateway")),
+                route: None,
+                claimed: None,
                 refresh_issuer: Some(Arc::from(ISSUER)),
             })
         }
