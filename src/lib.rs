@@ -26,6 +26,7 @@ pub mod keys {
 }
 
 pub mod cli;
+pub(crate) mod deprecation;
 pub mod devmode;
 pub mod explain;
 pub mod grpc;
