@@ -27,8 +27,8 @@ pub mod keys {
 
 pub mod cli;
 pub(crate) mod deprecation;
-pub mod devmode;
-pub mod explain;
+pub(crate) mod devmode;
+pub(crate) mod explain;
 pub mod grpc;
 pub mod metrics;
 pub mod proto;
