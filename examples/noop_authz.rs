@@ -53,6 +53,7 @@ fn answer(same_as_connector_authz: bool) -> CheckResponse {
     }
     to_response(&Decision::Allow(Allowed {
         backend: Arc::from("ai_gateway"),
+        route: None,
         identity: Some(Identity {
             subject: common::INSTANCE.into(),
             issuer: Arc::from(common::ISSUER),

@@ -26,8 +26,9 @@ pub mod keys {
 }
 
 pub mod cli;
-pub mod devmode;
-pub mod explain;
+pub(crate) mod deprecation;
+pub(crate) mod devmode;
+pub(crate) mod explain;
 pub mod grpc;
 pub mod metrics;
 pub mod proto;

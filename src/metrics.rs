@@ -416,6 +416,7 @@ mod tests {
         let metrics = Metrics::new();
         let allow = Decision::Allow(Allowed {
             backend: Arc::from("ai_gateway"),
+            route: None,
             identity: None,
             dry_run: None,
             removed_headers: Vec::new(),

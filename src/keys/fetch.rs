@@ -40,14 +40,6 @@ pub enum IssuerSource {
     },
 }
 
-impl IssuerSource {
-    pub fn issuer_url(&self) -> &str {
-        match self {
-            Self::Discovery { issuer_url } | Self::JwksUri { issuer_url, .. } => issuer_url,
-        }
-    }
-}
-
 /// Why an issuer's keys could not be obtained. Each message names the URL or file.
 #[derive(Debug, thiserror::Error)]
 pub enum FetchError {

@@ -12,11 +12,13 @@ use std::borrow::Cow;
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
+use jsonwebtoken::Algorithm;
+
 use crate::algorithm::parse_algorithm;
 use crate::config::{Backend, Config, Mode};
 use crate::decision::{
-    Allowed, Decision, Denied, DenyReason, ForwardedHeader, HeaderValue, Identity, Request,
-    claim_fits_header, scope_fits_header,
+    Allowed, Claimed, Decision, Denied, DenyReason, ForwardedHeader, HeaderValue, Identity,
+    Request, claim_fits_header, scope_fits_header,
 };
 use crate::keys::{KeySnapshot, canonical_issuer};
 use crate::registry::{GitlabVersion, UnitPrimitive};
@@ -58,17 +60,19 @@ pub fn decide_cached(
         Ok(path) => path,
         Err(e) => return Decision::deny(DenyReason::BadPath, e.message()),
     };
-    let Some(route) = config.routes.find(&path, req.method) else {
+    let Some(route_index) = config.routes.find_index(&path, req.method) else {
         return Decision::deny(
             DenyReason::NoRoute,
             "no route of this service matches the request's path and method",
         );
     };
+    let route = &config.routes.routes()[route_index];
     let backend = &config.backends[route.backend];
     let access = match &route.access {
         Access::Public => {
             return Decision::Allow(Allowed {
                 backend: backend.name.clone(),
+                route: Some(route_index),
                 identity: None,
                 dry_run: None,
                 removed_headers: forward_headers(backend),
@@ -103,6 +107,7 @@ pub fn decide_cached(
             identity.deprecated.extend(relied);
             Decision::Allow(Allowed {
                 backend: backend.name.clone(),
+                route: Some(route_index),
                 identity: Some(identity),
                 dry_run: None,
                 removed_headers: Vec::new(),
@@ -110,9 +115,11 @@ pub fn decide_cached(
         }
         Err(mut denied) => {
             denied.backend = Some(backend.name.clone());
+            denied.route = Some(route_index);
             if backend.mode == Mode::DryRun {
                 return Decision::Allow(Allowed {
                     backend: backend.name.clone(),
+                    route: Some(route_index),
                     identity: None,
                     dry_run: Some(Box::new(denied)),
                     removed_headers: forward_headers(backend),
@@ -151,8 +158,29 @@ fn denied(reason: DenyReason, message: impl Into<Cow<'static, str>>) -> Denied {
         reason,
         message: message.into(),
         backend: None,
+        route: None,
+        claimed: None,
         refresh_issuer: None,
     }
+}
+
+/// What a deny's log line names from claims the decision already holds (cloned: the
+/// cached verification is shared).
+fn claimed(claims: &Claims) -> Option<Box<Claimed>> {
+    Some(Box::new(Claimed {
+        issuer: claims.iss.clone(),
+        subject: claims.sub.clone(),
+        jti: claims.jti.clone(),
+    }))
+}
+
+/// [`claimed`], taking claims the decision owns and drops anyway.
+fn claimed_owned(claims: Claims) -> Option<Box<Claimed>> {
+    Some(Box::new(Claimed {
+        issuer: claims.iss,
+        subject: claims.sub,
+        jti: claims.jti,
+    }))
 }
 
 struct TokenCheck<'a> {
@@ -177,7 +205,22 @@ impl TokenCheck<'_> {
             Some(verified) => verified,
             None => self.verify_signature(raw, leeway)?,
         };
-        // From here on, a cached token and a freshly verified one take the same path.
+        self.check_verified(raw, &verified, needs, leeway)
+            .map_err(|mut d| {
+                d.claimed = claimed(&verified.claims);
+                d
+            })
+    }
+
+    /// The checks after the signature, which a cached token and a freshly verified one
+    /// take alike.
+    fn check_verified(
+        &self,
+        raw: &str,
+        verified: &VerifiedToken,
+        needs: &RouteNeeds<'_>,
+        leeway: i64,
+    ) -> Result<Identity, Denied> {
         let claims = &verified.claims;
         verify::time_window(claims, self.now, leeway).map_err(|e| denied(e.reason, e.message))?;
         verify::audience(claims, &self.backend.audience)
@@ -277,12 +320,45 @@ impl TokenCheck<'_> {
             .ok()
             .filter(|alg| settings.algorithms.contains(alg))
             .ok_or_else(|| {
-                denied(
+                let mut d = denied(
                     DenyReason::UnsupportedAlgorithm,
                     "the token's signing algorithm is not accepted",
-                )
+                );
+                // Read for the log line only: the algorithm decided before the claims.
+                d.claimed = token.claims().ok().and_then(claimed_owned);
+                d
             })?;
         let claims = token.claims().map_err(|e| denied(e.reason, e.message))?;
+        match self.issuer_key(&token, alg, &claims) {
+            Ok((issuer, fingerprint)) => {
+                let verified = Arc::new(VerifiedToken::new(
+                    claims,
+                    issuer,
+                    alg,
+                    token.header.kid.as_deref(),
+                    fingerprint,
+                ));
+                // A token already outside its time window would only be dropped on its next hit.
+                if verify::time_window(&verified.claims, self.now, leeway).is_ok() {
+                    self.cache.insert(raw, Arc::clone(&verified));
+                }
+                Ok(verified)
+            }
+            Err(mut d) => {
+                d.claimed = claimed_owned(claims);
+                Err(d)
+            }
+        }
+    }
+
+    /// The token's configured issuer and the fingerprint of the issuer's key that verifies
+    /// its signature.
+    fn issuer_key(
+        &self,
+        token: &token::UnverifiedToken<'_>,
+        alg: Algorithm,
+        claims: &Claims,
+    ) -> Result<(Arc<str>, u64), Denied> {
         let iss = claims
             .iss
             .as_deref()
@@ -299,25 +375,14 @@ impl TokenCheck<'_> {
                 "the keys of the token's issuer are not loaded yet; retry shortly",
             )
         })?;
-        let key = verify::signature(&token, alg, keys).map_err(|e| {
+        let key = verify::signature(token, alg, keys).map_err(|e| {
             let mut d = denied(e.reason, e.message);
             if e.reason == DenyReason::UnknownKey {
                 d.refresh_issuer = Some(issuer.name.clone());
             }
             d
         })?;
-        let verified = Arc::new(VerifiedToken::new(
-            claims,
-            issuer.name.clone(),
-            alg,
-            token.header.kid.as_deref(),
-            key.fingerprint,
-        ));
-        // A token already outside its time window would only be dropped on its next hit.
-        if verify::time_window(&verified.claims, self.now, leeway).is_ok() {
-            self.cache.insert(raw, Arc::clone(&verified));
-        }
-        Ok(verified)
+        Ok((issuer.name.clone(), key.fingerprint))
     }
 
     /// The instance headers must agree with the claims that are set (as the AI gateway

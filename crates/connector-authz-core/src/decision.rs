@@ -203,6 +203,9 @@ pub struct ForwardedHeader {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Allowed {
     pub backend: Arc<str>,
+    /// The route that matched: an index into the deciding configuration's
+    /// `routes.routes()` (read with the same snapshot, for the log line).
+    pub route: Option<usize>,
     /// `None` on a public route (no token was needed or checked) and on a dry-run allow.
     pub identity: Option<Identity>,
     /// Set when the backend is in `mode: dry_run` and the request would have been denied:
@@ -220,9 +223,24 @@ pub struct Denied {
     pub message: Cow<'static, str>,
     /// The backend whose route matched, if one did.
     pub backend: Option<Arc<str>>,
+    /// The route that matched, if one did: an index into the deciding configuration's
+    /// `routes.routes()`.
+    pub route: Option<usize>,
+    /// What the token claimed, when the decision got as far as reading its claims. Unless
+    /// the deny came after the signature check, these are unverified: they say what the
+    /// token claims, for tracing a request in the log, and are never acted on.
+    pub claimed: Option<Box<Claimed>>,
     /// Set with [`DenyReason::UnknownKey`]: the issuer whose keys should be refreshed
     /// before deciding once more.
     pub refresh_issuer: Option<Arc<str>>,
+}
+
+/// The claims a deny's log line names (never the token itself).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Claimed {
+    pub issuer: Option<String>,
+    pub subject: Option<String>,
+    pub jti: Option<String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -237,6 +255,8 @@ impl Decision {
             reason,
             message: message.into(),
             backend: None,
+            route: None,
+            claimed: None,
             refresh_issuer: None,
         })
     }

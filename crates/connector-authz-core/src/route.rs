@@ -356,10 +356,16 @@ impl RouteTable {
     /// The route for a canonical path and a method: the most specific pattern that matches
     /// the path decides, and `None` when none matches or none of its routes takes the method.
     pub fn find(&self, path: &str, method: &str) -> Option<&Route> {
+        self.find_index(path, method).map(|i| &self.routes[i])
+    }
+
+    /// [`find`](Self::find), as an index into [`routes`](Self::routes) (what a
+    /// decision carries to name its route).
+    pub fn find_index(&self, path: &str, method: &str) -> Option<usize> {
         self.candidates(path)
             .iter()
-            .map(|&i| &self.routes[i])
-            .find(|r| r.methods.contains(method))
+            .copied()
+            .find(|&i| self.routes[i].methods.contains(method))
     }
 
     /// The routes of the most specific pattern that matches a canonical path, whatever

@@ -260,6 +260,7 @@ async fn ask(service: &AuthzService, token: &str) -> Option<DenyReason> {
     service
         .decide_with_refresh(&to_request(&check).expect("valid check"))
         .await
+        .decision
         .reason()
 }
 

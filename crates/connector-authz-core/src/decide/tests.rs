@@ -377,6 +377,76 @@ fn an_allow_carries_the_identity_and_a_deny_its_backend() {
     assert_eq!(denied.backend.as_deref(), Some("ai_gateway"));
 }
 
+/// The decision names what its log line needs, so nothing re-routes or re-parses the
+/// token to describe it: the route that matched, and on a deny the claims it read.
+#[test]
+fn a_decision_names_its_route_and_the_claims_it_read() {
+    let snapshot = snapshot();
+    let pattern = |route: Option<usize>| {
+        route.map(|i| snapshot.config.routes.routes()[i].pattern.to_string())
+    };
+    let good = key(1).sign(&change(claims(), json!({"jti": "j-1"})));
+    let Decision::Allow(allowed) = decide_with(CODE, Some(&good), &[]) else {
+        panic!("should allow")
+    };
+    assert_eq!(
+        pattern(allowed.route).as_deref(),
+        Some("prefix /ai/v2/code/")
+    );
+    let Decision::Allow(public) = decide_with("/ai/monitoring/x", None, &[]) else {
+        panic!("should allow")
+    };
+    assert_eq!(
+        pattern(public.route).as_deref(),
+        Some("prefix /ai/monitoring/")
+    );
+
+    let read = |issuer: &str, subject: &str| Claimed {
+        issuer: Some(issuer.into()),
+        subject: Some(subject.into()),
+        jti: Some("j-1".into()),
+    };
+    // After the signature (verified claims), before it (unverified), and before the
+    // claims decided anything (an algorithm refused).
+    let expired = key(1).sign(&change(claims(), json!({"jti": "j-1", "exp": NOW - 600})));
+    let unknown_issuer = key(1).sign(&change(
+        claims(),
+        json!({"jti": "j-1", "iss": "https://evil.test"}),
+    ));
+    let hs256 = format!(
+        "{}.{}.c2ln",
+        b64url(r#"{"alg":"HS256","typ":"JWT"}"#),
+        b64url(&change(claims(), json!({"jti": "j-1"})).to_string())
+    );
+    for (token, want, claimed) in [
+        (expired, "expired", read(ISS, INSTANCE)),
+        (
+            unknown_issuer,
+            "unknown_issuer",
+            read("https://evil.test", INSTANCE),
+        ),
+        (hs256, "unsupported_algorithm", read(ISS, INSTANCE)),
+    ] {
+        let Decision::Deny(denied) = decide_with(CODE, Some(&token), &[]) else {
+            panic!("{want}: should deny")
+        };
+        assert_eq!(denied.reason.as_str(), want);
+        assert_eq!(
+            pattern(denied.route).as_deref(),
+            Some("prefix /ai/v2/code/")
+        );
+        assert_eq!(denied.claimed.as_deref(), Some(&claimed), "{want}");
+    }
+    let Decision::Deny(denied) = decide_with(CODE, Some("not.a.token"), &[]) else {
+        panic!("should deny")
+    };
+    assert_eq!(denied.claimed, None);
+    let Decision::Deny(denied) = decide_with("/nowhere", Some(&good), &[]) else {
+        panic!("should deny")
+    };
+    assert_eq!((denied.route, denied.claimed), (None, None));
+}
+
 /// Claims copied into upstream headers must be header-safe: a control character in
 /// `sub` or a scope, or a space in a scope (scopes are joined with spaces), is a
 /// malformed token, not an allow with a header Envoy rejects or that reads two ways.
