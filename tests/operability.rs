@@ -798,7 +798,6 @@ backends: [{{name: svc, audience: svc, routes: [{{prefix: /, require: []}}]}}]
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert!(!in_flight.is_finished(), "the Check did not wait");
 
-    let signalled = Instant::now();
     sidecar.signal("TERM");
     let draining = within(Duration::from_secs(1), async || {
         reqwest::get(format!("http://{admin}/readyz"))
@@ -809,9 +808,9 @@ backends: [{{name: svc, audience: svc, routes: [{{prefix: /, require: []}}]}}]
     assert!(draining, "readiness stayed on:\n{}", sidecar.text());
     let answer = in_flight.await.expect("task");
     assert_eq!(answer.map_err(|s| s.to_string()), Ok(Ok(())));
+    // `wait` gives up (None) after its deadline: the exit is awaited, not timed.
     let code = tokio::task::block_in_place(|| sidecar.wait(Duration::from_secs(10)));
     assert_eq!(code, Some(0), "{}", sidecar.text());
-    assert!(signalled.elapsed() < Duration::from_secs(5));
     let text = sidecar.text();
     assert!(text.contains("shutting down: draining"), "{text}");
 }
