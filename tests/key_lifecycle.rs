@@ -7,7 +7,7 @@ mod support;
 
 use std::collections::HashMap;
 use std::path::Path;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use connector_authz::config::Config;
 use connector_authz::dev::DevKey;
@@ -17,7 +17,7 @@ use connector_authz::proto::envoy::service::auth::v3::{
 };
 use connector_authz::serve::{self, Running};
 use serde_json::{Value, json};
-use support::{FakeIssuer, Mode, claims, now, test_key};
+use support::{FakeIssuer, Mode, claims, now, test_key, within};
 use tonic::transport::Channel;
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
@@ -134,18 +134,6 @@ backends:
 
 fn token(issuer: &FakeIssuer, key: &DevKey) -> String {
     key.sign(&claims(&issuer.url(), "svc", &[], now() + 3600))
-}
-
-/// Polls `done` every 20 ms for at most `limit`.
-async fn within(limit: Duration, mut done: impl AsyncFnMut() -> bool) -> bool {
-    let start = Instant::now();
-    while start.elapsed() < limit {
-        if done().await {
-            return true;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    false
 }
 
 #[tokio::test]

@@ -25,7 +25,7 @@ use connector_authz::proto::envoy::service::auth::v3::{
 };
 use connector_authz::serve::{self, Running};
 use serde_json::{Value, json};
-use support::{FakeIssuer, claims, now, test_key};
+use support::{FakeIssuer, claims, now, test_key, within};
 use tonic::transport::Channel;
 
 const AUTHZ_BIN: &str = env!("CARGO_BIN_EXE_connector-authz");
@@ -138,18 +138,6 @@ fn replace_file(path: &Path, text: &str) {
     let tmp = path.with_extension("tmp");
     std::fs::write(&tmp, text).expect("write temp config");
     std::fs::rename(&tmp, path).expect("rename config");
-}
-
-/// Polls `done` every 20 ms for at most `limit`.
-async fn within(limit: Duration, mut done: impl AsyncFnMut() -> bool) -> bool {
-    let start = Instant::now();
-    while start.elapsed() < limit {
-        if done().await {
-            return true;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    false
 }
 
 fn jwks_file(dir: &Path, name: &str, keys: &[&DevKey]) -> PathBuf {
