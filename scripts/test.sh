@@ -50,6 +50,17 @@ check_core_tree --no-default-features --features rust-crypto
 cargo build -p "$core" --locked --target wasm32-wasip1 --no-default-features --features rust-crypto
 
 cargo test --workspace --all-targets --locked
+# The tests that need Envoy or promtool are #[ignore]d (a developer may not have them):
+# here, where the tools were just installed, they run, and a missing tool fails them.
+# With --quick nothing was installed: they run only when the tools are there already.
+tool_tests=(--test e2e_envoy --test operability)
+if [ "$quick" = 0 ]; then
+  cargo test --locked "${tool_tests[@]}" -- --ignored
+elif [ -n "${ENVOY_BIN:-}" ] || [ -x .venv/bin/python ] && command -v promtool >/dev/null 2>&1; then
+  cargo test --locked "${tool_tests[@]}" -- --ignored
+else
+  echo "test.sh --quick: Envoy or promtool missing; the tests that need them were not run (scripts/install-test-deps.sh)" >&2
+fi
 # The core's own tests once more with the pure Rust signature backend.
 cargo test -p "$core" --lib --locked --no-default-features --features rust-crypto
 # Doc tests are not part of --all-targets.

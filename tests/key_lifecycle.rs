@@ -7,7 +7,7 @@ mod support;
 
 use std::collections::HashMap;
 use std::path::Path;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use connector_authz::config::Config;
 use connector_authz::dev::DevKey;
@@ -17,7 +17,7 @@ use connector_authz::proto::envoy::service::auth::v3::{
 };
 use connector_authz::serve::{self, Running};
 use serde_json::{Value, json};
-use support::{FakeIssuer, Mode, claims, now, test_key};
+use support::{FakeIssuer, Mode, claims, now, test_key, within};
 use tonic::transport::Channel;
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
@@ -29,6 +29,14 @@ struct Sidecar {
 
 impl Sidecar {
     async fn start(issuer: &FakeIssuer, cache_dir: &Path) -> Sidecar {
+        Self::start_with_fetch_timeout(issuer, cache_dir, "1s").await
+    }
+
+    async fn start_with_fetch_timeout(
+        issuer: &FakeIssuer,
+        cache_dir: &Path,
+        fetch_timeout: &str,
+    ) -> Sidecar {
         let yaml = format!(
             "listen: {{grpc: 127.0.0.1:0, admin: 127.0.0.1:0}}
 issuers:
@@ -36,7 +44,7 @@ issuers:
 keys:
   refresh_interval: 1h
   min_refresh_interval: 1s
-  fetch_timeout: 1s
+  fetch_timeout: {fetch_timeout}
   cache_dir: {cache}
 backends:
   - name: svc
@@ -128,18 +136,6 @@ fn token(issuer: &FakeIssuer, key: &DevKey) -> String {
     key.sign(&claims(&issuer.url(), "svc", &[], now() + 3600))
 }
 
-/// Polls `done` every 20 ms for at most `limit`.
-async fn within(limit: Duration, mut done: impl AsyncFnMut() -> bool) -> bool {
-    let start = Instant::now();
-    while start.elapsed() < limit {
-        if done().await {
-            return true;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    false
-}
-
 #[tokio::test]
 async fn a_rotated_key_works_on_first_use_with_one_fetch_for_many_requests() {
     let (k1, k2) = (test_key(1), test_key(2));
@@ -173,15 +169,31 @@ async fn a_restart_while_the_issuer_hangs_is_ready_at_once_from_the_cache() {
     first.running.shutdown().await;
 
     issuer.set_mode(Mode::Hang);
-    let started = Instant::now();
-    let second = Sidecar::start(&issuer, cache.path()).await;
-    assert!(
-        started.elapsed() < Duration::from_millis(500),
-        "waited for the network"
-    );
+    // With the longest fetch timeout, a start that waited for the issuer would take a
+    // minute; one that reads the cache is ready while the issuer still has not answered.
+    let second = tokio::time::timeout(
+        Duration::from_secs(30),
+        Sidecar::start_with_fetch_timeout(&issuer, cache.path(), "60s"),
+    )
+    .await
+    .expect("the restart waited for the hanging issuer instead of reading the cache");
     assert_eq!(second.readyz().await, (200, json!([])));
     assert_eq!(second.health().await, ServingStatus::Serving);
     assert_eq!(second.check(&token(&issuer, &k)).await, Ok(()));
+    let metrics = reqwest::get(format!("http://{}/metrics", second.running.admin_addr))
+        .await
+        .expect("admin answers")
+        .text()
+        .await
+        .expect("metrics body");
+    let succeeded = format!(
+        "connector_authz_keys_refresh_total{{issuer=\"{}\",result=\"success\"}} 0",
+        issuer.url()
+    );
+    assert!(
+        metrics.lines().any(|line| line == succeeded),
+        "the keys came from a fetch, not the cache:\n{metrics}"
+    );
     second.running.shutdown().await;
 }
 

@@ -1,12 +1,13 @@
 //! Every bound on hostile or broken input, at its number: each is a clear deny or a clear
-//! load error, and reaching it is fast. SECURITY.md lists them; this file is the proof.
+//! load error. SECURITY.md lists them; this file is the proof. No test here times anything:
+//! how fast a lookup or a decision is, is measured by the benchmarks (`benches/`).
 //! (The Authorization header and header floods are in `tests/adversarial.rs`, an
 //! issuer's endless or oversized HTTP body in `tests/keys_fetch.rs`.)
 
 use std::fmt::Write as _;
 use std::path::Path;
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
@@ -17,17 +18,6 @@ use connector_authz::keys::jwks::{JwksError, KeyLimits, MAX_RSA_BITS, parse_key_
 use connector_authz::keys::{KeySnapshot, KeySource};
 use connector_authz::registry::Registry;
 use serde_json::json;
-
-/// Generous for a debug build on a busy machine; the point is "not seconds, not minutes".
-const FAST: Duration = Duration::from_secs(2);
-
-fn timed<T>(what: &str, f: impl FnOnce() -> T) -> T {
-    let started = Instant::now();
-    let value = f();
-    let took = started.elapsed();
-    assert!(took < FAST, "{what} took {took:?}");
-    value
-}
 
 fn load(text: &str) -> Result<Config, String> {
     Config::from_yaml(text, Path::new("/limits/connector-authz.yaml")).map_err(|e| e.to_string())
@@ -45,9 +35,9 @@ fn config_text_over_one_mib_is_refused() {
     text.push('#');
     text.push_str(&"x".repeat(MAX_CONFIG_BYTES - text.len()));
     assert_eq!(text.len(), MAX_CONFIG_BYTES);
-    timed("1 MiB config", || load(&text)).expect("exactly 1 MiB loads");
+    load(&text).expect("exactly 1 MiB loads");
     text.push('x');
-    let err = timed("1 MiB + 1 config", || load(&text)).unwrap_err();
+    let err = load(&text).unwrap_err();
     assert!(err.contains("larger than 1048576 bytes"), "{err}");
 }
 
@@ -57,9 +47,8 @@ fn ten_thousand_routes_load_and_one_more_is_refused() {
     for i in 0..MAX_ROUTES {
         writeln!(routes, "      - {{path: /r/{i}, require: [x]}}").unwrap();
     }
-    let config = timed("10,000 routes", || load(&backend(&routes))).expect("10,000 routes load");
+    let config = load(&backend(&routes)).expect("10,000 routes load");
     assert_eq!(config.routes.routes().len(), MAX_ROUTES);
-    let started = Instant::now();
     for i in 0..1000 {
         assert!(
             config
@@ -68,16 +57,16 @@ fn ten_thousand_routes_load_and_one_more_is_refused() {
                 .is_some()
         );
     }
-    assert!(started.elapsed() < FAST);
     routes.push_str("      - {path: /r/one-more, require: [x]}\n");
     let err = load(&backend(&routes)).unwrap_err();
     assert!(err.contains("more than 10000 routes"), "{err}");
 }
 
 /// The worst route table a 1 MiB config can hold for lookups: as many distinct prefix
-/// lengths as fit, so a long path costs one hash lookup per length.
+/// lengths as fit, so a long path costs one hash lookup per length. (What that costs is
+/// `benches/route.rs`'s catch-all case.)
 #[test]
-fn the_worst_prefix_table_still_decides_quickly() {
+fn the_worst_prefix_table_loads_and_still_decides() {
     let mut routes = String::new();
     let mut len = 3;
     while routes.len() + len + 40 < MAX_CONFIG_BYTES - 200 {
@@ -89,36 +78,31 @@ fn the_worst_prefix_table_still_decides_quickly() {
         .unwrap();
         len += 1;
     }
-    let config = timed("distinct prefix lengths", || load(&backend(&routes))).expect("loads");
+    let config = load(&backend(&routes)).expect("loads");
     let lengths = config.routes.routes().len();
     assert!(lengths > 1000, "{lengths} prefixes");
     let snapshot = Snapshot::new(Arc::new(config), Arc::new(KeySnapshot::default()));
-    let path = format!("/{}x", "p".repeat(len + 10));
     let headers: Vec<(String, String)> = Vec::new();
-    let started = Instant::now();
-    for _ in 0..100 {
+    let reason = |path: &str| {
         let request = Request {
             method: "GET",
-            path: &path,
+            path,
             headers: &headers,
         };
-        assert_eq!(
-            decide(&snapshot, &request, SystemTime::now())
-                .reason()
-                .unwrap()
-                .as_str(),
-            "no_route"
-        );
-    }
-    let each = started.elapsed() / 100;
-    assert!(
-        each < Duration::from_millis(20),
-        "{lengths} prefix lengths: {each:?} per decision"
+        decide(&snapshot, &request, SystemTime::now())
+            .reason()
+            .map_or("allow", |r| r.as_str())
+    };
+    assert_eq!(reason(&format!("/{}x", "p".repeat(len + 10))), "no_route");
+    // A path under the longest prefix is routed (to a route that wants a token).
+    assert_eq!(
+        reason(&format!("/{}/x", "p".repeat(len - 3))),
+        "missing_token"
     );
 }
 
 #[test]
-fn yaml_alias_bombs_deep_nesting_and_many_documents_are_refused_quickly() {
+fn yaml_alias_bombs_deep_nesting_and_many_documents_are_refused() {
     // A billion-laughs bomb inside a key the loader must read.
     let mut bomb = String::from(HEAD);
     bomb.push_str("backends:\n  - name: a\n    audience: aud\n    routes:\n      - prefix: /\n        require: &l0 [x, x, x, x, x, x, x, x, x, x]\n");
@@ -130,34 +114,34 @@ fn yaml_alias_bombs_deep_nesting_and_many_documents_are_refused_quickly() {
         )
         .unwrap();
     }
-    let err = timed("alias bomb", || load(&bomb)).unwrap_err();
+    let err = load(&bomb).unwrap_err();
     assert!(err.contains("connector-authz.yaml"), "{err}");
     // More than 1,000 aliases.
     let aliases = vec!["*x"; 1001].join(", ");
     let many = backend(&format!(
         "      - prefix: /\n        require: [&x a, {aliases}]\n"
     ));
-    assert!(timed("1,001 aliases", || load(&many)).is_err());
+    assert!(load(&many).is_err());
     // Nesting deeper than 32, in flow and in block style.
     let deep = format!(
         "{HEAD}backends: {}{}\n",
         "[".repeat(10_000),
         "]".repeat(10_000)
     );
-    assert!(timed("flow nesting", || load(&deep)).is_err());
+    assert!(load(&deep).is_err());
     let mut block = String::from(HEAD);
     block.push_str("backends:\n");
     for depth in 0..100 {
         writeln!(block, "{}- ", "  ".repeat(depth)).unwrap();
     }
-    assert!(timed("block nesting", || load(&block)).is_err());
+    assert!(load(&block).is_err());
     // A second document.
     let two = format!(
         "{}---\n{}",
         backend("      - {prefix: /, public: true}\n"),
         HEAD
     );
-    assert!(timed("two documents", || load(&two)).is_err());
+    assert!(load(&two).is_err());
 }
 
 #[test]
@@ -210,7 +194,7 @@ fn key_sets_are_bounded_in_bytes_keys_and_key_size() {
         "{}",
         hundred.len()
     );
-    assert_eq!(timed("100 keys", || parse(&hundred)).unwrap(), 100);
+    assert_eq!(parse(&hundred).unwrap(), 100);
     let err = parse(&keys(101)).unwrap_err();
     assert!(
         matches!(
@@ -234,7 +218,7 @@ fn key_sets_are_bounded_in_bytes_keys_and_key_size() {
     assert!(matches!(parse(deep.as_bytes()), Err(JwksError::NotJson(_))));
     // RSA moduli outside 2048..=8192 bits are skipped; a set of only those is an error.
     let sizes = json!({"keys": [rsa_jwk("small", 128), rsa_jwk("huge", MAX_RSA_BITS / 8 + 1)]});
-    let err = timed("odd key sizes", || parse(sizes.to_string().as_bytes())).unwrap_err();
+    let err = parse(sizes.to_string().as_bytes()).unwrap_err();
     let text = err.to_string();
     assert!(
         text.contains("no usable signing key") && text.contains("2 skipped"),
@@ -250,7 +234,7 @@ fn registry_files_are_bounded() {
     // A legacy registry file over 1 MiB.
     let big = dir.path().join("big.yml");
     std::fs::write(&big, format!("# {}\n", "x".repeat(1024 * 1024))).unwrap();
-    let err = timed("1 MiB registry file", || Registry::load(&big)).unwrap_err();
+    let err = Registry::load(&big).unwrap_err();
     assert!(err.to_string().contains("larger than 1024 KiB"), "{err}");
     // An alias bomb hidden in a section the loader otherwise skips.
     let mut bomb = String::from("development:\n  a: &a [x, x, x, x, x, x, x, x, x, x]\n");
@@ -266,12 +250,12 @@ fn registry_files_are_bounded() {
     }
     let path = dir.path().join("bomb.yml");
     std::fs::write(&path, bomb).unwrap();
-    let err = timed("registry alias bomb", || Registry::load(&path)).unwrap_err();
+    let err = Registry::load(&path).unwrap_err();
     assert!(err.to_string().contains("budget"), "{err}");
 }
 
 #[test]
-fn a_huge_or_pathological_path_is_decided_quickly() {
+fn a_huge_or_pathological_path_is_decided() {
     let text = backend(
         "      - {prefix: /ai/monitoring/, public: true}\n      - {prefix: /ai/, require: [x]}\n",
     );
@@ -286,9 +270,7 @@ fn a_huge_or_pathological_path_is_decided_quickly() {
             path,
             headers: &headers,
         };
-        timed("a long path", || {
-            decide(&snapshot, &request, UNIX_EPOCH + Duration::from_secs(1))
-        })
+        decide(&snapshot, &request, UNIX_EPOCH + Duration::from_secs(1))
     };
     let climbing = format!("/ai/monitoring/{}x", "a/../".repeat(200_000));
     assert!(decide_path(&climbing).is_allow());

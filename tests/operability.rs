@@ -25,7 +25,7 @@ use connector_authz::proto::envoy::service::auth::v3::{
 };
 use connector_authz::serve::{self, Running};
 use serde_json::{Value, json};
-use support::{FakeIssuer, claims, now, test_key};
+use support::{FakeIssuer, claims, now, test_key, within};
 use tonic::transport::Channel;
 
 const AUTHZ_BIN: &str = env!("CARGO_BIN_EXE_connector-authz");
@@ -140,29 +140,6 @@ fn replace_file(path: &Path, text: &str) {
     std::fs::rename(&tmp, path).expect("rename config");
 }
 
-/// Polls `done` every 20 ms for at most `limit`.
-async fn within(limit: Duration, mut done: impl AsyncFnMut() -> bool) -> bool {
-    let start = Instant::now();
-    while start.elapsed() < limit {
-        if done().await {
-            return true;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    false
-}
-
-fn skip_or_fail(test: &str, why: &str, fix: &str) {
-    if std::env::var_os("CI").is_some() {
-        panic!("{why}: {fix}");
-    }
-    // Straight to stderr: the test harness captures `eprintln!` of passing tests.
-    let _ = writeln!(
-        std::io::stderr(),
-        "SKIPPED {test}: {why}; {fix} (with CI set this fails)"
-    );
-}
-
 fn jwks_file(dir: &Path, name: &str, keys: &[&DevKey]) -> PathBuf {
     let path = dir.join(name);
     std::fs::write(&path, DevKey::key_set_json(keys).to_string()).expect("write jwks");
@@ -173,7 +150,19 @@ fn jwks_file(dir: &Path, name: &str, keys: &[&DevKey]) -> PathBuf {
 // Metrics
 
 #[tokio::test]
-async fn metrics_move_with_checks_and_key_refreshes_and_pass_promtool() {
+async fn metrics_move_with_checks_and_key_refreshes() {
+    metrics_after_traffic().await;
+}
+
+#[tokio::test]
+#[ignore = "needs promtool: run scripts/install-test-deps.sh as root (scripts/test.sh runs it)"]
+async fn promtool_accepts_the_metrics() {
+    promtool_accepts(&metrics_after_traffic().await);
+}
+
+/// Sends Checks of every outcome and a key rotation through a sidecar, asserts how each
+/// metric moved, and returns the last `/metrics` scrape.
+async fn metrics_after_traffic() -> String {
     let (k1, k2) = (test_key(1), test_key(2));
     let issuer = FakeIssuer::start(&[&k1]).await;
     let registry = Path::new(REPO).join("config/cloud_connector");
@@ -327,32 +316,24 @@ backends:
     );
     assert!(open.text().await.unwrap().ends_with("# EOF\n"));
 
-    promtool_accepts(
-        "metrics_move_with_checks_and_key_refreshes_and_pass_promtool",
-        &after,
-    );
     running.shutdown().await;
+    after
 }
 
 /// Pipes `metrics` into `promtool check metrics`, which must find nothing to say.
-fn promtool_accepts(test: &str, metrics: &str) {
-    let spawned = Command::new("promtool")
+fn promtool_accepts(metrics: &str) {
+    let mut child = Command::new("promtool")
         .args(["check", "metrics"])
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
-        .spawn();
-    let mut child = match spawned {
-        Ok(child) => child,
-        Err(e) => {
-            skip_or_fail(
-                test,
-                &format!("promtool is not installed ({e})"),
-                "run scripts/install-test-deps.sh (as root: it apt-installs Debian's prometheus)",
-            );
-            return;
-        }
-    };
+        .spawn()
+        .unwrap_or_else(|e| {
+            panic!(
+                "promtool is not installed ({e}): run scripts/install-test-deps.sh \
+                 (as root: it apt-installs Debian's prometheus)"
+            )
+        });
     child
         .stdin
         .take()
@@ -805,7 +786,6 @@ backends: [{{name: svc, audience: svc, routes: [{{prefix: /, require: []}}]}}]
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert!(!in_flight.is_finished(), "the Check did not wait");
 
-    let signalled = Instant::now();
     sidecar.signal("TERM");
     let draining = within(Duration::from_secs(1), async || {
         reqwest::get(format!("http://{admin}/readyz"))
@@ -816,9 +796,9 @@ backends: [{{name: svc, audience: svc, routes: [{{prefix: /, require: []}}]}}]
     assert!(draining, "readiness stayed on:\n{}", sidecar.text());
     let answer = in_flight.await.expect("task");
     assert_eq!(answer.map_err(|s| s.to_string()), Ok(Ok(())));
+    // `wait` gives up (None) after its deadline: the exit is awaited, not timed.
     let code = tokio::task::block_in_place(|| sidecar.wait(Duration::from_secs(10)));
     assert_eq!(code, Some(0), "{}", sidecar.text());
-    assert!(signalled.elapsed() < Duration::from_secs(5));
     let text = sidecar.text();
     assert!(text.contains("shutting down: draining"), "{text}");
 }

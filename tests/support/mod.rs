@@ -4,7 +4,7 @@
 
 pub mod issuer;
 
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use connector_authz::dev::DevKey;
 use serde_json::{Value, json};
@@ -65,4 +65,17 @@ pub fn claims(iss: &str, aud: &str, scopes: &[&str], exp: u64) -> Value {
         "gitlab_realm": "self-managed",
         "gitlab_instance_id": "test-instance-id",
     })
+}
+
+/// Polls `done` every 20 ms until it holds (`true`) or `limit` has passed (`false`): a
+/// wait for a condition with a generous deadline, never a measure of how long it took.
+pub async fn within(limit: Duration, mut done: impl AsyncFnMut() -> bool) -> bool {
+    let start = Instant::now();
+    while start.elapsed() < limit {
+        if done().await {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    false
 }
