@@ -389,7 +389,15 @@ async fn explain_agrees_with_the_server_on_every_decision_table_row() {
     // that the server writes.
     let cache = dir.path().join("cache");
     let started = Instant::now();
-    while std::fs::read_dir(&cache).map_or(0, |d| d.count()) < 2 {
+    // Only finished key sets count: a temporary file is renamed to `*.jwks.json` once written.
+    let finished = |cache: &std::path::Path| {
+        std::fs::read_dir(cache).map_or(0, |d| {
+            d.filter_map(Result::ok)
+                .filter(|e| e.file_name().to_string_lossy().ends_with(".jwks.json"))
+                .count()
+        })
+    };
+    while finished(&cache) < 2 {
         assert!(
             started.elapsed() < Duration::from_secs(10),
             "no cache files"
