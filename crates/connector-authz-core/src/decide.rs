@@ -154,14 +154,7 @@ fn unix_seconds(t: SystemTime) -> i64 {
 }
 
 fn denied(reason: DenyReason, message: impl Into<Cow<'static, str>>) -> Denied {
-    Denied {
-        reason,
-        message: message.into(),
-        backend: None,
-        route: None,
-        claimed: None,
-        refresh_issuer: None,
-    }
+    Denied::new(reason, message)
 }
 
 /// What a deny's log line names from claims the decision already holds (cloned: the

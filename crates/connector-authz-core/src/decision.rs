@@ -249,16 +249,24 @@ pub enum Decision {
     Deny(Denied),
 }
 
-impl Decision {
-    pub fn deny(reason: DenyReason, message: impl Into<Cow<'static, str>>) -> Self {
-        Decision::Deny(Denied {
+impl Denied {
+    /// A denial with only its reason and message; the stage that denies fills in what it
+    /// knows (backend, route, the claims it read).
+    pub fn new(reason: DenyReason, message: impl Into<Cow<'static, str>>) -> Self {
+        Denied {
             reason,
             message: message.into(),
             backend: None,
             route: None,
             claimed: None,
             refresh_issuer: None,
-        })
+        }
+    }
+}
+
+impl Decision {
+    pub fn deny(reason: DenyReason, message: impl Into<Cow<'static, str>>) -> Self {
+        Decision::Deny(Denied::new(reason, message))
     }
 
     pub fn reason(&self) -> Option<DenyReason> {
