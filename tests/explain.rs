@@ -21,7 +21,7 @@ use connector_authz::proto::envoy::service::auth::v3::{
 };
 use connector_authz::serve;
 use serde_json::{Value, json};
-use support::{FakeIssuer, Mode, claims, now, test_key, test_key_with_kid};
+use support::{FakeIssuer, Mode, claims, finished_key_sets, now, test_key, test_key_with_kid};
 
 const AUTHZ_BIN: &str = env!("CARGO_BIN_EXE_connector-authz");
 const AUDIENCE: &str = "gitlab-ai-gateway";
@@ -389,15 +389,7 @@ async fn explain_agrees_with_the_server_on_every_decision_table_row() {
     // that the server writes.
     let cache = dir.path().join("cache");
     let started = Instant::now();
-    // Only finished key sets count: a temporary file is renamed to `*.jwks.json` once written.
-    let finished = |cache: &std::path::Path| {
-        std::fs::read_dir(cache).map_or(0, |d| {
-            d.filter_map(Result::ok)
-                .filter(|e| e.file_name().to_string_lossy().ends_with(".jwks.json"))
-                .count()
-        })
-    };
-    while finished(&cache) < 2 {
+    while finished_key_sets(&cache) < 2 {
         assert!(
             started.elapsed() < Duration::from_secs(10),
             "no cache files"

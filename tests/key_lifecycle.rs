@@ -17,7 +17,7 @@ use connector_authz::proto::envoy::service::auth::v3::{
 };
 use connector_authz::serve::{self, Running};
 use serde_json::{Value, json};
-use support::{FakeIssuer, Mode, claims, now, test_key, within};
+use support::{FakeIssuer, Mode, claims, finished_key_sets, now, test_key, within};
 use tonic::transport::Channel;
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
@@ -162,7 +162,7 @@ async fn a_restart_while_the_issuer_hangs_is_ready_at_once_from_the_cache() {
     let cache = tempfile::tempdir().expect("temp dir");
     let first = Sidecar::start(&issuer, cache.path()).await;
     let cached = within(Duration::from_secs(5), async || {
-        std::fs::read_dir(cache.path()).is_ok_and(|mut d| d.next().is_some())
+        finished_key_sets(cache.path()) > 0
     })
     .await;
     assert!(cached, "the first sidecar wrote no cache file");

@@ -79,3 +79,13 @@ pub async fn within(limit: Duration, mut done: impl AsyncFnMut() -> bool) -> boo
     }
     false
 }
+
+/// How many finished key sets (`*.jwks.json`) the key cache directory holds. A key set is
+/// written to a temporary file and renamed, so counting any entry would race the rename.
+pub fn finished_key_sets(dir: &std::path::Path) -> usize {
+    std::fs::read_dir(dir).map_or(0, |d| {
+        d.filter_map(Result::ok)
+            .filter(|e| e.file_name().to_string_lossy().ends_with(".jwks.json"))
+            .count()
+    })
+}
