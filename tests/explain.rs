@@ -499,3 +499,38 @@ async fn explain_shows_each_step() {
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("broken.yaml"));
 }
+
+#[test]
+fn explain_says_when_the_path_matched_but_the_method_did_not() {
+    let config = concat!(env!("CARGO_MANIFEST_DIR"), "/config/connector-authz.yaml");
+    let explain = |method: &str| {
+        let out = Command::new(AUTHZ_BIN)
+            .args([
+                "explain", "--config", config, "--path", CODE, "--method", method,
+            ])
+            .output()
+            .expect("run explain");
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+        )
+    };
+    let (code, output) = explain("GET");
+    assert_eq!(code, Some(1), "{output}");
+    assert!(output.contains("decision: deny 403 no_route"), "{output}");
+    assert!(
+        output.contains("matches the path but takes only POST, not GET"),
+        "{output}"
+    );
+    // With the method it takes, the route is found and the token is what is missing.
+    let (_, output) = explain("POST");
+    assert!(
+        output.contains("decision: deny 401 missing_token"),
+        "{output}"
+    );
+    assert!(
+        output.contains(&format!("route: path {CODE} (POST)")),
+        "{output}"
+    );
+    assert!(output.contains("token: not read"), "{output}");
+}
