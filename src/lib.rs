@@ -22,7 +22,7 @@ pub mod keys {
     pub mod fetch;
     pub mod refresh;
 
-    pub use refresh::{KeyManager, missing_issuers};
+    pub use refresh::{KeyManager, KeyPublisher};
 }
 
 pub mod cli;
@@ -32,5 +32,6 @@ pub(crate) mod explain;
 pub mod grpc;
 pub mod metrics;
 pub mod proto;
+pub mod reload;
 pub mod serve;
 pub mod transport;
