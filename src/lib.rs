@@ -25,6 +25,7 @@ pub mod keys {
     pub use refresh::{KeyManager, KeyPublisher};
 }
 
+pub(crate) mod admin;
 pub mod cli;
 pub(crate) mod deprecation;
 pub(crate) mod devmode;

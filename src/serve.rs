@@ -1,6 +1,6 @@
 //! Running the sidecar: bind the gRPC and admin listeners, start the key manager,
 //! serve `envoy.service.auth.v3.Authorization` and `grpc.health.v1.Health` on the gRPC
-//! port and `/healthz`, `/readyz` and `/metrics` on the admin port, reload the
+//! port and the admin endpoints ([`crate::admin`]) on the admin port, reload the
 //! configuration when asked ([`crate::reload`]), and drain on the way out.
 //!
 //! Shutting down ([`Running::shutdown_within`]) goes in this order: readiness turns to
@@ -17,22 +17,18 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
-use axum::Router;
-use axum::extract::State;
-use axum::http::{HeaderMap, StatusCode, header};
-use axum::response::{IntoResponse, Json};
-use axum::routing::get;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tonic::transport::server::TcpIncoming;
 use tonic_health::ServingStatus;
 
+use crate::admin::AdminState;
 use crate::config::{Config, ConfigError};
 use crate::decide::Snapshot;
 use crate::grpc::AuthzService;
 use crate::keys::{KeyManager, KeyRefresher};
-use crate::metrics::{Format, Metrics};
+use crate::metrics::Metrics;
 use crate::reload::Reloader;
 use crate::transport::CoalescingIncoming;
 
@@ -197,7 +193,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
     };
     let admin_task = {
         let mut stopped = rest_stopped;
-        let app = admin_router(AdminState {
+        let app = crate::admin::router(AdminState {
             keys: keys.clone(),
             metrics: metrics.clone(),
             draining: draining_rx,
@@ -263,47 +259,4 @@ async fn report_health(health: &tonic_health::server::HealthReporter, ready: boo
     };
     health.set_service_status("", status).await;
     health.set_service_status(AUTHZ_SERVICE_NAME, status).await;
-}
-
-#[derive(Clone)]
-struct AdminState {
-    keys: Arc<KeyManager>,
-    metrics: Arc<Metrics>,
-    draining: watch::Receiver<bool>,
-}
-
-fn admin_router(state: AdminState) -> Router {
-    Router::new()
-        .route("/healthz", get(|| async { (StatusCode::OK, "ok\n") }))
-        .route("/readyz", get(readyz))
-        .route("/metrics", get(metrics))
-        .with_state(state)
-}
-
-async fn readyz(State(state): State<AdminState>) -> impl IntoResponse {
-    let draining = *state.draining.borrow();
-    let missing = state.keys.missing_issuers();
-    let ready = missing.is_empty() && !draining;
-    let status = if ready {
-        StatusCode::OK
-    } else {
-        StatusCode::SERVICE_UNAVAILABLE
-    };
-    let missing: Vec<&str> = missing.iter().map(|m| &**m).collect();
-    let mut body = serde_json::json!({ "ready": ready, "issuers_without_keys": missing });
-    if draining {
-        body["draining"] = serde_json::Value::Bool(true);
-    }
-    (status, Json(body))
-}
-
-async fn metrics(State(state): State<AdminState>, headers: HeaderMap) -> impl IntoResponse {
-    let accept = headers
-        .get(header::ACCEPT)
-        .and_then(|value| value.to_str().ok());
-    let format = Format::from_accept(accept);
-    (
-        [(header::CONTENT_TYPE, format.content_type())],
-        state.metrics.encode(format),
-    )
 }
