@@ -28,7 +28,7 @@ pub mod keys {
 pub(crate) mod admin;
 pub mod cli;
 pub(crate) mod deprecation;
-pub(crate) mod devmode;
+pub(crate) mod dev_server;
 pub(crate) mod explain;
 pub mod grpc;
 pub mod metrics;

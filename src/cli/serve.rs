@@ -61,7 +61,7 @@ pub(super) async fn serve(
     // soon as the sidecar answers is never met by the default action (exit at once).
     let mut signals = Signals::new()?;
     if args.dev {
-        let mut setup = crate::devmode::prepare()?;
+        let mut setup = crate::dev_server::prepare()?;
         listen.apply(&mut setup.config);
         print_out(&setup.banner())?;
         let result = serve_until_stopped(setup.config, None, stop, &mut signals).await;
