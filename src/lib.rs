@@ -18,11 +18,11 @@ pub use connector_authz_core::{
 pub mod keys {
     pub use connector_authz_core::keys::*;
 
-    pub mod cache;
+    pub(crate) mod cache;
     pub mod fetch;
-    pub mod refresh;
+    pub(crate) mod refresh;
 
-    pub use refresh::{KeyManager, KeyPublisher};
+    pub use refresh::{FetchStats, KeyManager};
 }
 
 pub(crate) mod admin;
@@ -33,6 +33,6 @@ pub(crate) mod explain;
 pub mod grpc;
 pub mod metrics;
 pub mod proto;
-pub mod reload;
+pub(crate) mod reload;
 pub mod serve;
 pub mod transport;

@@ -35,16 +35,11 @@ use crate::transport::CoalescingIncoming;
 /// The gRPC service name that health checks ask about, besides the server as a whole ("").
 const AUTHZ_SERVICE_NAME: &str = "envoy.service.auth.v3.Authorization";
 
-/// How long the sidecar keeps answering Checks after SIGTERM with readiness already off,
-/// before it drains: long enough for Kubernetes to take the pod out of its endpoints and
-/// for the proxies that call it to notice.
-pub const DEFAULT_SHUTDOWN_DELAY: Duration = Duration::from_secs(5);
-
 /// How long Checks in flight may take to finish once shutdown starts.
 pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// How often the configuration file is looked at for changes.
-pub const CONFIG_POLL_INTERVAL: Duration = Duration::from_secs(2);
+pub(crate) const CONFIG_POLL_INTERVAL: Duration = Duration::from_secs(2);
 
 /// A running sidecar: its bound addresses and the handle to reload and stop it.
 pub struct Running {
@@ -78,7 +73,7 @@ impl Running {
     /// Changes every reloaded configuration before it is checked and swapped in, as the
     /// first one was changed before [`start`] (command-line overrides of `listen`). Set it
     /// before [`Running::watch_config`]; a second call is ignored.
-    pub fn adjust_reloads(&mut self, adjust: impl Fn(&mut Config) + Send + Sync + 'static) {
+    pub(crate) fn adjust_reloads(&mut self, adjust: impl Fn(&mut Config) + Send + Sync + 'static) {
         let _ = self.reloader.adjust.set(Box::new(adjust));
     }
 
@@ -99,7 +94,7 @@ impl Running {
     /// `NOT_SERVING`) while every listener keeps serving: Checks are still answered, on
     /// open connections and new ones. The first step of shutting down; calling it again
     /// does nothing.
-    pub async fn stop_being_ready(&mut self) {
+    pub(crate) async fn stop_being_ready(&mut self) {
         self.draining.send_replace(true);
         // The health task stops following readiness when draining starts; then we have
         // the last word.

@@ -141,7 +141,7 @@ FREE UNTIL: the registry's cut_off_date, the end of free access: until then GitL
 /// What the configuration enforces, one line per route: pattern, methods, backend
 /// (audience), what it needs, and for each unit primitive its free-until date and
 /// minimum GitLab version from the registry.
-pub fn route_table(config: &Config) -> String {
+fn route_table(config: &Config) -> String {
     let mut rows = vec![[
         "ROUTE".to_string(),
         "METHODS".into(),

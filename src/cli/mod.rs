@@ -122,7 +122,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
 }
 
 /// Writes to stdout; a reader that went away (`| head`) ends the output, not the program.
-pub fn print_out(text: &str) -> std::io::Result<()> {
+fn print_out(text: &str) -> std::io::Result<()> {
     use std::io::Write as _;
     let mut stdout = std::io::stdout().lock();
     match stdout

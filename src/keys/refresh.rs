@@ -48,14 +48,14 @@ use super::{KeyRefresher, KeySet, KeySnapshot, KeySource, canonical_issuer};
 use crate::config::{Config, Issuer, KeySettings, KeysFrom};
 
 /// The first retry after a failure waits about this long.
-pub const FIRST_RETRY: Duration = Duration::from_secs(1);
+pub(crate) const FIRST_RETRY: Duration = Duration::from_secs(1);
 /// Retries never wait longer than this (nor longer than `keys.refresh_interval`).
-pub const MAX_RETRY: Duration = Duration::from_secs(5 * 60);
+pub(crate) const MAX_RETRY: Duration = Duration::from_secs(5 * 60);
 
 /// The backoff step after `failures` consecutive failures (1, 2, …): [`FIRST_RETRY`]
 /// doubled per failure, capped at [`MAX_RETRY`] and at `refresh_interval`. The actual wait
 /// is this step shortened by up to 20 % at random.
-pub fn retry_step(failures: u32, refresh_interval: Duration) -> Duration {
+pub(crate) fn retry_step(failures: u32, refresh_interval: Duration) -> Duration {
     let cap = MAX_RETRY.min(refresh_interval);
     let doublings = failures.saturating_sub(1).min(30);
     FIRST_RETRY.saturating_mul(1 << doublings).min(cap)
@@ -72,7 +72,7 @@ fn scheduled_delay(refresh_interval: Duration) -> Duration {
 /// Where key refresh puts the keys it loads: the seam between keeping keys fresh and
 /// deciding with them. The serving side owns the snapshot that requests are decided with
 /// and implements this (`crate::reload`); key refresh sees keys and issuer names only.
-pub trait KeyPublisher: Send + Sync {
+pub(crate) trait KeyPublisher: Send + Sync {
     /// The keys requests are decided with now.
     fn keys(&self) -> Arc<KeySnapshot>;
 
@@ -125,7 +125,7 @@ impl std::fmt::Debug for KeyManager {
 impl KeyManager {
     /// [`KeyManager::start`] with the real HTTP client, bounded by `keys.fetch_timeout`
     /// and the default [`KeyLimits`].
-    pub fn start_http(
+    pub(crate) fn start_http(
         config: &Config,
         publisher: Arc<dyn KeyPublisher>,
     ) -> Result<Arc<Self>, FetchError> {
@@ -142,7 +142,7 @@ impl KeyManager {
     /// returns, and spawns one refresh task per network issuer, whose first fetch starts
     /// immediately. `config` is the configuration `publisher` serves now; its issuers and
     /// `keys` settings apply. Must be called within a Tokio runtime.
-    pub fn start(
+    pub(crate) fn start(
         config: &Config,
         publisher: Arc<dyn KeyPublisher>,
         fetcher: Arc<dyn Fetcher>,
@@ -209,7 +209,7 @@ impl KeyManager {
     /// whose first fetch begins at once. A network issuer whose `jwks_uri` changed is
     /// restarted but keeps its keys until the new source answers. Key settings (`keys.*`)
     /// apply from now on. Reloads apply one at a time.
-    pub async fn reconfigure(
+    pub(crate) async fn reconfigure(
         &self,
         config: &Config,
         swap: impl FnOnce(&dyn Fn(&KeySnapshot) -> KeySnapshot),
@@ -300,7 +300,7 @@ impl KeyManager {
     /// finished (either way; a fetch is bounded by `keys.fetch_timeout` per GET). Serving
     /// can wait for this so that a sidecar that reaches its issuers is ready when it
     /// starts, while one with a warm cache does not wait for the network at all.
-    pub async fn initial_load(&self) {
+    pub(crate) async fn initial_load(&self) {
         let mut ready = self.ready();
         let first_fetches = self.first_fetches.iter().cloned().map(Flight);
         let all_finished = async {
@@ -320,7 +320,7 @@ impl KeyManager {
     }
 
     /// `true` while every configured issuer has keys; changes when that does.
-    pub fn ready(&self) -> watch::Receiver<bool> {
+    pub(crate) fn ready(&self) -> watch::Receiver<bool> {
         self.shared.ready.subscribe()
     }
 
@@ -332,7 +332,7 @@ impl KeyManager {
     }
 
     /// The fetch counters of every network issuer configured now.
-    pub fn all_fetch_stats(&self) -> Vec<(Arc<str>, FetchStats)> {
+    pub(crate) fn all_fetch_stats(&self) -> Vec<(Arc<str>, FetchStats)> {
         let issuers = self.shared.issuers.load();
         issuers
             .iter()
@@ -341,7 +341,7 @@ impl KeyManager {
     }
 
     /// Stops the refresh tasks and waits for them; a fetch in progress is abandoned.
-    pub async fn shutdown(&self) {
+    pub(crate) async fn shutdown(&self) {
         self.stop.send_replace(true);
         let tasks = std::mem::take(&mut *lock(&self.tasks));
         for task in tasks {
