@@ -5,19 +5,20 @@
 
 mod support;
 
-use std::collections::HashMap;
 use std::path::Path;
 use std::time::Duration;
 
 use connector_authz::config::Config;
 use connector_authz::dev::DevKey;
 use connector_authz::proto::envoy::service::auth::v3::{
-    AttributeContext, CheckRequest, attribute_context, authorization_client::AuthorizationClient,
-    check_response,
+    authorization_client::AuthorizationClient, check_response,
 };
 use connector_authz::serve::{self, Running};
 use serde_json::{Value, json};
-use support::{FakeIssuer, Mode, claims, finished_key_sets, now, test_key, within};
+use support::{
+    FakeIssuer, Mode, check_request, claims, finished_key_sets, instance_headers, now, test_key,
+    within,
+};
 use tonic::transport::Channel;
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
@@ -64,29 +65,7 @@ backends:
 
     /// `Ok` when allowed, else the deny reason from the response body.
     async fn check(&self, token: &str) -> Result<(), String> {
-        let headers = HashMap::from([
-            ("authorization".to_owned(), format!("Bearer {token}")),
-            ("x-gitlab-realm".to_owned(), "self-managed".to_owned()),
-            ("x-gitlab-authentication-type".to_owned(), "oidc".to_owned()),
-            (
-                "x-gitlab-instance-id".to_owned(),
-                "test-instance-id".to_owned(),
-            ),
-        ]);
-        let request = CheckRequest {
-            attributes: Some(AttributeContext {
-                request: Some(attribute_context::Request {
-                    http: Some(attribute_context::HttpRequest {
-                        method: "GET".into(),
-                        path: "/anything".into(),
-                        headers,
-                        ..Default::default()
-                    }),
-                    ..Default::default()
-                }),
-                ..Default::default()
-            }),
-        };
+        let request = check_request("GET", "/anything", instance_headers(token));
         let response = self
             .client
             .clone()

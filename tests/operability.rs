@@ -20,12 +20,11 @@ use axum::routing::get;
 use connector_authz::config::Config;
 use connector_authz::dev::DevKey;
 use connector_authz::proto::envoy::service::auth::v3::{
-    AttributeContext, CheckRequest, attribute_context, authorization_client::AuthorizationClient,
-    check_response,
+    CheckRequest, authorization_client::AuthorizationClient, check_response,
 };
 use connector_authz::serve::{self, Running};
 use serde_json::{Value, json};
-use support::{FakeIssuer, claims, now, test_key, within};
+use support::{FakeIssuer, INSTANCE_HEADERS, check_request, claims, now, test_key, within};
 use tonic::transport::Channel;
 
 const AUTHZ_BIN: &str = env!("CARGO_BIN_EXE_connector-authz");
@@ -39,27 +38,6 @@ const DEPRECATED: &str = "analyze_ci_job_failure";
 
 /// A Check's answer: `Ok(())` allowed, `Err(reason)` denied.
 type Answer = Result<(), String>;
-
-fn check_request(path: &str, headers: &[(&str, &str)]) -> CheckRequest {
-    let headers: HashMap<String, String> = headers
-        .iter()
-        .map(|(k, v)| (k.to_string(), v.to_string()))
-        .collect();
-    CheckRequest {
-        attributes: Some(AttributeContext {
-            request: Some(attribute_context::Request {
-                http: Some(attribute_context::HttpRequest {
-                    method: "POST".into(),
-                    path: path.into(),
-                    headers,
-                    ..Default::default()
-                }),
-                ..Default::default()
-            }),
-            ..Default::default()
-        }),
-    }
-}
 
 /// One Check with the instance headers `support::claims` expects, plus `extra`.
 async fn check(
@@ -81,18 +59,14 @@ async fn try_check(
     extra: &[(&str, &str)],
 ) -> Result<Answer, tonic::Status> {
     let bearer = token.map(|t| format!("Bearer {t}"));
-    let mut headers = vec![
-        ("x-gitlab-realm", "self-managed"),
-        ("x-gitlab-instance-id", "test-instance-id"),
-        ("x-gitlab-authentication-type", "oidc"),
-    ];
+    let mut headers = INSTANCE_HEADERS.to_vec();
     if let Some(bearer) = &bearer {
         headers.push(("authorization", bearer));
     }
     headers.extend_from_slice(extra);
     let response = client
         .clone()
-        .check(check_request(path, &headers))
+        .check(check_request("POST", path, headers))
         .await?
         .into_inner();
     Ok(match response.http_response {

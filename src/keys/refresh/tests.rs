@@ -18,9 +18,9 @@ use crate::config::Config;
 use crate::decide::Snapshot;
 use crate::decision::DenyReason;
 use crate::dev::DevKey;
-use crate::grpc::{AuthzService, to_request};
+use crate::grpc::{AuthzService, http_check_request, to_request};
 use crate::keys::jwks::parse_key_set;
-use crate::proto::envoy::service::auth::v3::{AttributeContext, CheckRequest, attribute_context};
+use crate::proto::envoy::service::auth::v3::CheckRequest;
 use crate::reload::swap_config;
 
 /// A discovery issuer and a `jwks_uri` issuer; the fake serves keys at `{url}/keys`.
@@ -77,24 +77,11 @@ fn forged(iss: &str, kid: &str) -> String {
 }
 
 fn mk_check(token: &str) -> CheckRequest {
-    let http = attribute_context::HttpRequest {
-        method: "GET".into(),
-        path: "/x".into(),
-        headers: HashMap::from([
-            ("authorization".to_owned(), format!("Bearer {token}")),
-            ("x-gitlab-authentication-type".to_owned(), "oidc".to_owned()),
-        ]),
-        ..Default::default()
-    };
-    CheckRequest {
-        attributes: Some(AttributeContext {
-            request: Some(attribute_context::Request {
-                http: Some(http),
-                ..Default::default()
-            }),
-            ..Default::default()
-        }),
-    }
+    let headers = HashMap::from([
+        ("authorization".to_owned(), format!("Bearer {token}")),
+        ("x-gitlab-authentication-type".to_owned(), "oidc".to_owned()),
+    ]);
+    http_check_request("GET", "/x", headers)
 }
 
 /// How the fake answers an issuer's URLs.
