@@ -5,7 +5,7 @@
 
 mod support;
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -16,12 +16,13 @@ use connector_authz::config::Config;
 use connector_authz::decision::DenyReason;
 use connector_authz::dev::DevKey;
 use connector_authz::proto::envoy::service::auth::v3::{
-    AttributeContext, CheckRequest, attribute_context, authorization_client::AuthorizationClient,
-    check_response,
+    authorization_client::AuthorizationClient, check_response,
 };
 use connector_authz::serve;
 use serde_json::{Value, json};
-use support::{FakeIssuer, Mode, claims, finished_key_sets, now, test_key, test_key_with_kid};
+use support::{
+    FakeIssuer, Mode, check_request, claims, finished_key_sets, now, test_key, test_key_with_kid,
+};
 
 const AUTHZ_BIN: &str = env!("CARGO_BIN_EXE_connector-authz");
 const AUDIENCE: &str = "gitlab-ai-gateway";
@@ -230,21 +231,7 @@ fn rows(a: &str, b: &str, down: &str) -> Vec<Row> {
 
 /// What a CheckResponse decided: "allow" or the deny reason.
 async fn server_answer(client: &AuthorizationClient<tonic::transport::Channel>, r: &Row) -> String {
-    let headers: HashMap<String, String> = r.all_headers().into_iter().collect();
-    let request = CheckRequest {
-        attributes: Some(AttributeContext {
-            request: Some(attribute_context::Request {
-                http: Some(attribute_context::HttpRequest {
-                    method: r.method.into(),
-                    path: r.path.into(),
-                    headers,
-                    ..Default::default()
-                }),
-                ..Default::default()
-            }),
-            ..Default::default()
-        }),
-    };
+    let request = check_request(r.method, r.path, r.all_headers());
     let response = client
         .clone()
         .check(request)
