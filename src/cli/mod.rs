@@ -29,8 +29,52 @@ pub struct Cli {
     /// Log format.
     #[arg(long, value_enum, default_value_t = LogFormat::Text, global = true)]
     pub log_format: LogFormat,
+    /// Runtime threads that answer Checks: `auto` (the CPU limit of the container, or the
+    /// machine's CPUs, at most 2) or a number. 1 runs everything on one thread (Tokio's
+    /// current-thread scheduler: no wake-ups across threads).
+    #[arg(long, default_value = "auto", global = true)]
+    pub workers: Workers,
     #[command(subcommand)]
     pub command: Command,
+}
+
+/// `--workers`: how many runtime threads answer Checks.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Workers {
+    /// The CPU limit (cgroup quota) or the machine's CPUs, at most [`Workers::AUTO_MAX`].
+    Auto,
+    Exactly(std::num::NonZeroUsize),
+}
+
+impl Workers {
+    /// A sidecar shares its pod's CPU with the proxy and the backend: Checks take
+    /// microseconds, so more threads would only add wake-ups.
+    pub const AUTO_MAX: usize = 2;
+
+    /// The number of threads to run.
+    pub fn threads(self) -> usize {
+        match self {
+            Workers::Auto => std::thread::available_parallelism()
+                .map_or(1, std::num::NonZeroUsize::get)
+                .min(Self::AUTO_MAX),
+            Workers::Exactly(n) => n.get(),
+        }
+    }
+}
+
+impl std::str::FromStr for Workers {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        if s == "auto" {
+            return Ok(Workers::Auto);
+        }
+        s.parse::<std::num::NonZeroUsize>()
+            .ok()
+            .filter(|n| n.get() <= 256)
+            .map(Workers::Exactly)
+            .ok_or_else(|| format!("'{s}' is not auto or a number of threads from 1 to 256"))
+    }
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -131,5 +175,30 @@ fn print_out(text: &str) -> std::io::Result<()> {
     {
         Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
         other => other,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn workers_are_auto_or_a_bounded_count() {
+        let parse = |s: &str| s.parse::<Workers>();
+        assert_eq!(parse("auto"), Ok(Workers::Auto));
+        assert_eq!(parse("1").map(Workers::threads), Ok(1));
+        assert_eq!(parse("3").map(Workers::threads), Ok(3));
+        let auto = Workers::Auto.threads();
+        assert!((1..=Workers::AUTO_MAX).contains(&auto), "{auto}");
+        for bad in ["0", "-1", "257", "two", ""] {
+            let err = parse(bad).expect_err(bad);
+            assert!(err.contains("auto or a number"), "{bad}: {err}");
+        }
+        let cli = Cli::try_parse_from(["connector-authz", "serve", "--dev", "--workers", "1"])
+            .expect("--workers after the command");
+        assert_eq!(cli.workers.threads(), 1);
+        assert!(
+            Cli::try_parse_from(["connector-authz", "--workers", "0", "serve", "--dev"]).is_err()
+        );
     }
 }
