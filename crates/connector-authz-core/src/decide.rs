@@ -9,6 +9,7 @@
 //! (after routing) into an allow that carries it.
 
 use std::borrow::Cow;
+use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -55,28 +56,118 @@ pub fn decide_cached(
     now: SystemTime,
     cache: &TokenCache,
 ) -> Decision {
+    let obtain = |check: &TokenCheck<'_>, raw: &str, leeway: i64| {
+        Ok::<_, Infallible>(
+            match check
+                .cache
+                .get(raw, check.config, &check.snapshot.keys, check.now)
+            {
+                Some(verified) => Ok(verified),
+                None => check.verify_signature(raw, leeway),
+            },
+        )
+    };
+    match decide_inner(snapshot, req, now, cache, obtain) {
+        Ok(decision) => decision,
+        Err(never) => match never {},
+    }
+}
+
+/// Where [`decide_verified`] gets the verification of a bearer token from, when the
+/// signature is checked somewhere else (the proxy-wasm filter asks the sidecar).
+pub trait VerifiedTokens {
+    /// The outcome of verifying `raw` (the bearer token, as the request carries it):
+    /// `None` when it has not been verified yet, else the verified token or the denial
+    /// that verifying it gave (see [`verify_token`]).
+    fn lookup(&self, raw: &str) -> Option<Result<Arc<VerifiedToken>, Denied>>;
+}
+
+/// What [`decide_verified`] comes to.
+// Returned and matched at once, like `Decision` itself; a box would cost an allocation a request.
+#[allow(clippy::large_enum_variant)]
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    Decided(Decision),
+    /// The request needs its bearer token verified, which `tokens` does not know yet:
+    /// verify it (with [`verify_token`], where the keys are) and decide again.
+    NeedsVerification,
+}
+
+/// Decides as [`decide`] does, except that the signature stage (token structure,
+/// algorithm, issuer, the issuer's keys, the signature) is not run here: its outcome comes
+/// from `tokens`. Every other check (path, route, time window, audience, instance headers,
+/// user tokens, scopes, the header-named unit primitive, the minimum version,
+/// `forward_claims`, dry run) is the same code as [`decide`]'s, so for the outcome of
+/// [`verify_token`] on the same snapshot the decision is the same. `snapshot.keys` is not
+/// read (the filter holds no keys).
+pub fn decide_verified(
+    snapshot: &Snapshot,
+    req: &Request<'_>,
+    now: SystemTime,
+    tokens: &dyn VerifiedTokens,
+) -> Outcome {
+    let obtain = |_: &TokenCheck<'_>, raw: &str, _: i64| tokens.lookup(raw).ok_or(());
+    match decide_inner(snapshot, req, now, TokenCache::disabled(), obtain) {
+        Ok(decision) => Outcome::Decided(decision),
+        Err(()) => Outcome::NeedsVerification,
+    }
+}
+
+/// The signature stage alone, for a token without a request: the token's size (`max_bytes`)
+/// and structure, its algorithm, its issuer, that issuer's keys and the key that verifies
+/// it. Denials are those [`decide`] gives at these steps (an unknown `kid` sets
+/// `refresh_issuer`). The time window is not checked here: [`decide_verified`] checks it.
+pub fn verify_token(
+    snapshot: &Snapshot,
+    raw: &str,
+    now: SystemTime,
+) -> Result<Arc<VerifiedToken>, Denied> {
+    let settings = &snapshot.config.tokens;
+    // The same size and shape rules as a bearer header.
+    let header = vec![("authorization", format!("Bearer {raw}"))];
+    let raw =
+        token::bearer(&header, settings.max_bytes).map_err(|e| denied(e.reason, e.message))?;
+    let leeway = i64::try_from(settings.leeway.as_secs()).unwrap_or(i64::MAX);
+    SignatureCheck {
+        snapshot,
+        config: &snapshot.config,
+        now: unix_seconds(now),
+        cache: TokenCache::disabled(),
+    }
+    .verify_signature(raw, leeway)
+}
+
+/// [`decide_cached`] with the signature stage supplied by `obtain`, which may give up
+/// (`Err(P)`: the decision cannot be made yet).
+fn decide_inner<P>(
+    snapshot: &Snapshot,
+    req: &Request<'_>,
+    now: SystemTime,
+    cache: &TokenCache,
+    obtain: impl FnOnce(&TokenCheck<'_>, &str, i64) -> Result<Result<Arc<VerifiedToken>, Denied>, P>,
+) -> Result<Decision, P> {
     let config = &*snapshot.config;
     let path = match normalize_path(req.path) {
         Ok(path) => path,
-        Err(e) => return Decision::deny(DenyReason::BadPath, e.message()),
+        Err(e) => return Ok(Decision::deny(DenyReason::BadPath, e.message())),
     };
     let Some(route_index) = config.routes.find_index(&path, req.method) else {
-        return Decision::deny(
+        return Ok(Decision::deny(
             DenyReason::NoRoute,
             "no route of this service matches the request's path and method",
-        );
+        ));
     };
     let route = &config.routes.routes()[route_index];
     let backend = &config.backends[route.backend];
     let access = match &route.access {
         Access::Public => {
-            return Decision::Allow(Allowed {
+            return Ok(Decision::Allow(Allowed {
                 backend: backend.name.clone(),
                 route: Some(route_index),
                 identity: None,
                 dry_run: None,
                 removed_headers: forward_headers(backend),
-            });
+            }));
         }
         Access::Token {
             require,
@@ -98,7 +189,7 @@ pub fn decide_cached(
         now: unix_seconds(now),
         cache,
     };
-    match check.run(&access) {
+    Ok(match check.run(&access, obtain)? {
         Ok(mut identity) => {
             // The deprecated unit primitives of the route that this token relied on: all
             // of `require`, and those of `require_any` that it holds.
@@ -117,17 +208,17 @@ pub fn decide_cached(
             denied.backend = Some(backend.name.clone());
             denied.route = Some(route_index);
             if backend.mode == Mode::DryRun {
-                return Decision::Allow(Allowed {
+                return Ok(Decision::Allow(Allowed {
                     backend: backend.name.clone(),
                     route: Some(route_index),
                     identity: None,
                     dry_run: Some(Box::new(denied)),
                     removed_headers: forward_headers(backend),
-                });
+                }));
             }
             Decision::Deny(denied)
         }
-    }
+    })
 }
 
 fn forward_headers(backend: &Backend) -> Vec<Box<str>> {
@@ -176,6 +267,91 @@ fn claimed_owned(claims: Claims) -> Option<Box<Claimed>> {
     }))
 }
 
+/// The signature stage (what a cache hit skips), apart from any request.
+struct SignatureCheck<'a> {
+    snapshot: &'a Snapshot,
+    config: &'a Config,
+    now: i64,
+    cache: &'a TokenCache,
+}
+
+impl SignatureCheck<'_> {
+    /// The checks a cache hit skips, in the table's order: the token's structure, its
+    /// algorithm, its issuer, that issuer's keys and the signature. A token that passes
+    /// them, and is not expired, goes into the cache.
+    fn verify_signature(&self, raw: &str, leeway: i64) -> Result<Arc<VerifiedToken>, Denied> {
+        let settings = &self.config.tokens;
+        let token = token::split(raw).map_err(|e| denied(e.reason, e.message))?;
+        let alg = parse_algorithm(&token.header.alg)
+            .ok()
+            .filter(|alg| settings.algorithms.contains(alg))
+            .ok_or_else(|| {
+                let mut d = denied(
+                    DenyReason::UnsupportedAlgorithm,
+                    "the token's signing algorithm is not accepted",
+                );
+                // Read for the log line only: the algorithm decided before the claims.
+                d.claimed = token.claims().ok().and_then(claimed_owned);
+                d
+            })?;
+        let claims = token.claims().map_err(|e| denied(e.reason, e.message))?;
+        match self.issuer_key(&token, alg, &claims) {
+            Ok((issuer, fingerprint)) => {
+                let verified = Arc::new(VerifiedToken::new(
+                    claims,
+                    issuer,
+                    alg,
+                    token.header.kid.as_deref(),
+                    fingerprint,
+                ));
+                // A token already outside its time window would only be dropped on its next hit.
+                if verify::time_window(&verified.claims, self.now, leeway).is_ok() {
+                    self.cache.insert(raw, Arc::clone(&verified));
+                }
+                Ok(verified)
+            }
+            Err(mut d) => {
+                d.claimed = claimed_owned(claims);
+                Err(d)
+            }
+        }
+    }
+
+    /// The token's configured issuer and the fingerprint of the issuer's key that verifies
+    /// its signature.
+    fn issuer_key(
+        &self,
+        token: &token::UnverifiedToken<'_>,
+        alg: Algorithm,
+        claims: &Claims,
+    ) -> Result<(Arc<str>, u64), Denied> {
+        let iss = claims
+            .iss
+            .as_deref()
+            .ok_or_else(|| denied(DenyReason::UnknownIssuer, "the token has no issuer (iss)"))?;
+        let issuer = self.config.issuer(iss).ok_or_else(|| {
+            denied(
+                DenyReason::UnknownIssuer,
+                "the token's issuer is not trusted by this service",
+            )
+        })?;
+        let keys = self.snapshot.keys.get(&issuer.name).ok_or_else(|| {
+            denied(
+                DenyReason::KeysUnavailable,
+                "the keys of the token's issuer are not loaded yet; retry shortly",
+            )
+        })?;
+        let key = verify::signature(token, alg, keys).map_err(|e| {
+            let mut d = denied(e.reason, e.message);
+            if e.reason == DenyReason::UnknownKey {
+                d.refresh_issuer = Some(issuer.name.clone());
+            }
+            d
+        })?;
+        Ok((issuer.name.clone(), key.fingerprint))
+    }
+}
+
 struct TokenCheck<'a> {
     snapshot: &'a Snapshot,
     config: &'a Config,
@@ -186,23 +362,39 @@ struct TokenCheck<'a> {
 }
 
 impl TokenCheck<'_> {
-    fn run(&self, needs: &RouteNeeds<'_>) -> Result<Identity, Denied> {
+    /// The token checks; `obtain` gives the verified token (or the signature stage's
+    /// denial), or gives up with `Err(P)`.
+    fn run<P>(
+        &self,
+        needs: &RouteNeeds<'_>,
+        obtain: impl FnOnce(&Self, &str, i64) -> Result<Result<Arc<VerifiedToken>, Denied>, P>,
+    ) -> Result<Result<Identity, Denied>, P> {
         let settings = &self.config.tokens;
-        let raw = token::bearer(self.req.headers, settings.max_bytes)
-            .map_err(|e| denied(e.reason, e.message))?;
-        let leeway = i64::try_from(settings.leeway.as_secs()).unwrap_or(i64::MAX);
-        let verified = match self
-            .cache
-            .get(raw, self.config, &self.snapshot.keys, self.now)
-        {
-            Some(verified) => verified,
-            None => self.verify_signature(raw, leeway)?,
+        let raw = match token::bearer(self.req.headers, settings.max_bytes) {
+            Ok(raw) => raw,
+            Err(e) => return Ok(Err(denied(e.reason, e.message))),
         };
-        self.check_verified(raw, &verified, needs, leeway)
+        let leeway = i64::try_from(settings.leeway.as_secs()).unwrap_or(i64::MAX);
+        let verified = match obtain(self, raw, leeway)? {
+            Ok(verified) => verified,
+            Err(d) => return Ok(Err(d)),
+        };
+        Ok(self
+            .check_verified(raw, &verified, needs, leeway)
             .map_err(|mut d| {
                 d.claimed = claimed(&verified.claims);
                 d
-            })
+            }))
+    }
+
+    fn verify_signature(&self, raw: &str, leeway: i64) -> Result<Arc<VerifiedToken>, Denied> {
+        SignatureCheck {
+            snapshot: self.snapshot,
+            config: self.config,
+            now: self.now,
+            cache: self.cache,
+        }
+        .verify_signature(raw, leeway)
     }
 
     /// The checks after the signature, which a cached token and a freshly verified one
@@ -301,81 +493,6 @@ impl TokenCheck<'_> {
                 value,
             })
             .collect())
-    }
-
-    /// The checks a cache hit skips, in the table's order: the token's structure, its
-    /// algorithm, its issuer, that issuer's keys and the signature. A token that passes
-    /// them, and is not expired, goes into the cache.
-    fn verify_signature(&self, raw: &str, leeway: i64) -> Result<Arc<VerifiedToken>, Denied> {
-        let settings = &self.config.tokens;
-        let token = token::split(raw).map_err(|e| denied(e.reason, e.message))?;
-        let alg = parse_algorithm(&token.header.alg)
-            .ok()
-            .filter(|alg| settings.algorithms.contains(alg))
-            .ok_or_else(|| {
-                let mut d = denied(
-                    DenyReason::UnsupportedAlgorithm,
-                    "the token's signing algorithm is not accepted",
-                );
-                // Read for the log line only: the algorithm decided before the claims.
-                d.claimed = token.claims().ok().and_then(claimed_owned);
-                d
-            })?;
-        let claims = token.claims().map_err(|e| denied(e.reason, e.message))?;
-        match self.issuer_key(&token, alg, &claims) {
-            Ok((issuer, fingerprint)) => {
-                let verified = Arc::new(VerifiedToken::new(
-                    claims,
-                    issuer,
-                    alg,
-                    token.header.kid.as_deref(),
-                    fingerprint,
-                ));
-                // A token already outside its time window would only be dropped on its next hit.
-                if verify::time_window(&verified.claims, self.now, leeway).is_ok() {
-                    self.cache.insert(raw, Arc::clone(&verified));
-                }
-                Ok(verified)
-            }
-            Err(mut d) => {
-                d.claimed = claimed_owned(claims);
-                Err(d)
-            }
-        }
-    }
-
-    /// The token's configured issuer and the fingerprint of the issuer's key that verifies
-    /// its signature.
-    fn issuer_key(
-        &self,
-        token: &token::UnverifiedToken<'_>,
-        alg: Algorithm,
-        claims: &Claims,
-    ) -> Result<(Arc<str>, u64), Denied> {
-        let iss = claims
-            .iss
-            .as_deref()
-            .ok_or_else(|| denied(DenyReason::UnknownIssuer, "the token has no issuer (iss)"))?;
-        let issuer = self.config.issuer(iss).ok_or_else(|| {
-            denied(
-                DenyReason::UnknownIssuer,
-                "the token's issuer is not trusted by this service",
-            )
-        })?;
-        let keys = self.snapshot.keys.get(&issuer.name).ok_or_else(|| {
-            denied(
-                DenyReason::KeysUnavailable,
-                "the keys of the token's issuer are not loaded yet; retry shortly",
-            )
-        })?;
-        let key = verify::signature(token, alg, keys).map_err(|e| {
-            let mut d = denied(e.reason, e.message);
-            if e.reason == DenyReason::UnknownKey {
-                d.refresh_issuer = Some(issuer.name.clone());
-            }
-            d
-        })?;
-        Ok((issuer.name.clone(), key.fingerprint))
     }
 
     /// The instance headers must agree with the claims that are set (as the AI gateway

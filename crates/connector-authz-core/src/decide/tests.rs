@@ -101,17 +101,74 @@ fn decide_with(path: &str, token: Option<&str>, extra: &[(&str, &str)]) -> Decis
     let warm = decide_in(&snapshot, &cache, now, path, token, extra);
     assert_eq!(cold, uncached, "a cold cache changed the decision");
     assert_eq!(warm, uncached, "a warm cache changed the decision");
+    let seam = decide_through_seam(&snapshot, now, path, token, extra);
+    assert_eq!(
+        seam, uncached,
+        "deciding with a token verified elsewhere changed the decision"
+    );
     uncached
 }
 
-fn decide_in(
+/// The outcome of [`verify_token`] for one token, as the filter holds it after asking the sidecar.
+struct VerifiedElsewhere {
+    raw: String,
+    outcome: Result<Arc<VerifiedToken>, Denied>,
+}
+
+impl VerifiedTokens for VerifiedElsewhere {
+    fn lookup(&self, raw: &str) -> Option<Result<Arc<VerifiedToken>, Denied>> {
+        (raw == self.raw).then(|| self.outcome.clone())
+    }
+}
+
+struct NothingVerified;
+
+impl VerifiedTokens for NothingVerified {
+    fn lookup(&self, _: &str) -> Option<Result<Arc<VerifiedToken>, Denied>> {
+        None
+    }
+}
+
+/// Decides as the filter does: with nothing verified first; on `NeedsVerification`, the
+/// token is verified with [`verify_token`] (against a snapshot without the config's help:
+/// only keys) and the request decided again with that outcome.
+fn decide_through_seam(
     snapshot: &Snapshot,
-    cache: &TokenCache,
     now: SystemTime,
     path: &str,
     token: Option<&str>,
     extra: &[(&str, &str)],
 ) -> Decision {
+    let decide = |tokens: &dyn VerifiedTokens| {
+        let headers = request_headers(token, extra);
+        let req = Request {
+            method: "POST",
+            path,
+            headers: &headers,
+        };
+        // The filter holds no keys: the seam must not need them.
+        let keyless = Snapshot::new(Arc::clone(&snapshot.config), Arc::default());
+        decide_verified(&keyless, &req, now, tokens)
+    };
+    match decide(&NothingVerified) {
+        Outcome::Decided(decision) => decision,
+        Outcome::NeedsVerification => {
+            let headers = request_headers(token, extra);
+            let raw = crate::token::bearer(&headers, snapshot.config.tokens.max_bytes)
+                .expect("the seam asks only for a token that is present and within max_bytes");
+            let verified = VerifiedElsewhere {
+                raw: raw.to_string(),
+                outcome: verify_token(snapshot, raw, now),
+            };
+            match decide(&verified) {
+                Outcome::Decided(decision) => decision,
+                Outcome::NeedsVerification => panic!("asked twice to verify the same token"),
+            }
+        }
+    }
+}
+
+fn request_headers(token: Option<&str>, extra: &[(&str, &str)]) -> Vec<(String, String)> {
     let mut headers: Vec<(String, String)> = vec![
         ("x-gitlab-realm".into(), "self-managed".into()),
         ("x-gitlab-instance-id".into(), INSTANCE.into()),
@@ -127,6 +184,18 @@ fn decide_in(
             headers.push((k.to_string(), v.to_string()));
         }
     }
+    headers
+}
+
+fn decide_in(
+    snapshot: &Snapshot,
+    cache: &TokenCache,
+    now: SystemTime,
+    path: &str,
+    token: Option<&str>,
+    extra: &[(&str, &str)],
+) -> Decision {
+    let headers = request_headers(token, extra);
     let req = Request {
         method: "POST",
         path,
@@ -546,14 +615,20 @@ backends:
 fn decide_options(mode: &str, path: &str, token: &str, extra: &[(&str, &str)]) -> Decision {
     let snapshot = options_snapshot(mode);
     let now = UNIX_EPOCH + Duration::from_secs(NOW);
-    decide_in(
+    let uncached = decide_in(
         &snapshot,
         TokenCache::disabled(),
         now,
         path,
         Some(token),
         extra,
-    )
+    );
+    let seam = decide_through_seam(&snapshot, now, path, Some(token), extra);
+    assert_eq!(
+        seam, uncached,
+        "deciding with a token verified elsewhere changed the decision"
+    );
+    uncached
 }
 
 #[test]
