@@ -123,6 +123,7 @@ pub mod decision;
 #[cfg(any(test, feature = "dev-key"))]
 pub mod dev;
 pub mod error;
+pub mod feed;
 pub mod fetch_url;
 pub mod keys;
 pub mod registry;
