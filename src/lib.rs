@@ -9,7 +9,7 @@
 #![forbid(unsafe_code)]
 
 pub use connector_authz_core::{
-    algorithm, config, decide, decision, dev, error, fetch_url, registry, route, token,
+    algorithm, config, decide, decision, dev, error, feed, fetch_url, registry, route, token,
     token_cache, verify,
 };
 
@@ -29,6 +29,8 @@ pub mod cli;
 pub(crate) mod deprecation;
 pub(crate) mod devmode;
 pub(crate) mod explain;
+/// The proxy-wasm filter's feed (`/v1/snapshot`, `/v1/verify`) on the admin listener.
+pub mod filter_feed;
 pub mod grpc;
 pub mod metrics;
 pub mod proto;
