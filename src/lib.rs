@@ -9,8 +9,8 @@
 #![forbid(unsafe_code)]
 
 pub use connector_authz_core::{
-    algorithm, config, decide, decision, dev, error, feed, fetch_url, registry, route, token,
-    token_cache, verify,
+    algorithm, config, decide, decision, dev, error, feed, fetch_url, registry, respond, route,
+    token, token_cache, verify,
 };
 
 /// Issuers' public keys: the snapshot and JWKS parsing come from the core; fetching, the

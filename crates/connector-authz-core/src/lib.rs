@@ -127,6 +127,7 @@ pub mod feed;
 pub mod fetch_url;
 pub mod keys;
 pub mod registry;
+pub mod respond;
 pub mod route;
 pub mod token;
 pub mod token_cache;
