@@ -551,3 +551,35 @@ async fn a_malformed_plugin_configuration_is_logged_and_fails_closed() {
         .await;
     assert!(refused.is_err(), "a request was answered: {refused:?}");
 }
+
+#[tokio::test]
+#[ignore = "needs Envoy (scripts/install-test-deps.sh) and the wasm module (scripts/test.sh builds it)"]
+async fn key_rotation_at_the_issuer_reaches_the_filter_through_the_sidecar() {
+    let stack = Stack::start(true, None).await;
+    stack.wait_for_snapshot().await;
+    let old = stack.token(&["code_suggestions"]);
+    assert_eq!(
+        stack
+            .get("/ai/v2/code/completions", Some(&old), &[])
+            .await
+            .status,
+        200
+    );
+    // The issuer replaces key 1 by key 2. A token of key 2 makes the sidecar refresh.
+    stack.issuer.set_keys(&[&test_key(2)]);
+    let new = test_key(2).sign(&claims(
+        &stack.issuer.url(),
+        AUDIENCE,
+        &["code_suggestions"],
+        now() + 600,
+    ));
+    let reply = stack.get("/ai/v2/code/completions", Some(&new), &[]).await;
+    assert_eq!(reply.status, 200, "a token of the new key: {}", reply.body);
+    // Once the filter polls the new snapshot, key 1's token is verified again, and fails.
+    let dropped = within(WAIT, async || {
+        let reply = stack.get("/ai/v2/code/completions", Some(&old), &[]).await;
+        reply.status == 401 && reply.reason() == "unknown_key"
+    })
+    .await;
+    assert!(dropped, "the old key's cached token is still allowed");
+}
