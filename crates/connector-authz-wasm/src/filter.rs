@@ -53,6 +53,8 @@ struct Root {
     shared: Rc<RefCell<Shared>>,
     snapshot_call: Option<u32>,
     last_poll: Option<SystemTime>,
+    /// The last poll failed: further failures are logged at debug, not at every tick.
+    failing: bool,
 }
 
 impl Default for Root {
@@ -67,11 +69,26 @@ impl Default for Root {
             })),
             snapshot_call: None,
             last_poll: None,
+            failing: false,
         }
     }
 }
 
 impl Root {
+    /// Logs a failed poll: a warning when polls start failing, then at debug until one works.
+    fn poll_failed(&mut self, message: &str) {
+        let level = if self.failing {
+            LogLevel::Debug
+        } else {
+            LogLevel::Warn
+        };
+        self.failing = true;
+        log(
+            level,
+            &format!("connector-authz: {message}; keeping the previous snapshot (if any)"),
+        );
+    }
+
     fn poll(&mut self) {
         if self.snapshot_call.is_some() {
             return;
@@ -86,17 +103,15 @@ impl Root {
         if let Some(etag) = &shared.etag {
             headers.push(("if-none-match", etag.as_str()));
         }
-        match self.dispatch_http_call(&config.cluster, headers, None, vec![], config.timeout) {
-            Ok(token) => self.snapshot_call = Some(token),
-            Err(status) => log(
-                LogLevel::Warn,
-                &format!(
-                    "connector-authz: cannot ask the sidecar for a snapshot (cluster {:?}): {status:?}",
-                    config.cluster
-                ),
-            ),
-        }
+        let call = self.dispatch_http_call(&config.cluster, headers, None, vec![], config.timeout);
+        let cluster = config.cluster.clone();
         drop(shared);
+        match call {
+            Ok(token) => self.snapshot_call = Some(token),
+            Err(status) => self.poll_failed(&format!(
+                "cannot ask the sidecar for a snapshot (cluster {cluster:?}): {status:?}"
+            )),
+        }
         self.last_poll = Some(self.get_current_time());
     }
 
@@ -135,26 +150,26 @@ impl Context for Root {
         self.snapshot_call = None;
         let status = self.get_http_call_response_header(":status");
         match status.as_deref() {
-            Some("304") => {}
+            Some("304") => self.failing = false,
             Some("200") => {
                 let etag = self.get_http_call_response_header("etag");
                 let body = self
                     .get_http_call_response_body(0, body_size)
                     .unwrap_or_default();
                 match self.take_snapshot(&body) {
-                    Ok(()) => self.shared.borrow_mut().etag = etag,
+                    Ok(()) => {
+                        self.failing = false;
+                        self.shared.borrow_mut().etag = etag;
+                    }
                     Err(e) => log(
                         LogLevel::Error,
-                        &format!("connector-authz: {e}; keeping the previous one"),
+                        &format!("connector-authz: {e}; keeping the previous snapshot (if any)"),
                     ),
                 }
             }
-            other => log(
-                LogLevel::Warn,
-                &format!(
-                    "connector-authz: the sidecar's snapshot call failed (status {other:?}); keeping the previous one"
-                ),
-            ),
+            other => self.poll_failed(&format!(
+                "the sidecar's snapshot call failed (status {other:?})"
+            )),
         }
     }
 }
@@ -219,8 +234,8 @@ struct Filter {
     verifying: Option<(u32, TokenDigest)>,
 }
 
-/// Decides the request of the effective context and carries the step out. `true` when
-/// the request may go on now.
+/// Decides the request of the effective context and carries out the step: a local reply, or
+/// the allow's headers (the caller resumes or continues), or the token to verify first.
 fn decide_and_apply(
     shared: &Rc<RefCell<Shared>>,
     verified: Option<(TokenDigest, Result<Arc<VerifiedToken>, Denied>)>,
