@@ -453,6 +453,18 @@ async fn the_filter_allows_and_denies_as_ext_authz_does() {
         dry.json()["headers"]["x-gitlab-authz-dry-run"],
         "malformed_token"
     );
+
+    // The access log (stdout) shows the facts the filter records as filter state.
+    let logged = within(WAIT, async || {
+        let log = stack.envoy.output();
+        log.contains(r#""decision":"allow""#) && log.contains(r#""reason":"insufficient_scope""#)
+    })
+    .await;
+    assert!(
+        logged,
+        "the access log lacks the filter's facts:\n{}",
+        stack.envoy.output()
+    );
 }
 
 #[tokio::test]
