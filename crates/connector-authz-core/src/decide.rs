@@ -267,91 +267,6 @@ fn claimed_owned(claims: Claims) -> Option<Box<Claimed>> {
     }))
 }
 
-/// The signature stage (what a cache hit skips), apart from any request.
-struct SignatureCheck<'a> {
-    snapshot: &'a Snapshot,
-    config: &'a Config,
-    now: i64,
-    cache: &'a TokenCache,
-}
-
-impl SignatureCheck<'_> {
-    /// The checks a cache hit skips, in the table's order: the token's structure, its
-    /// algorithm, its issuer, that issuer's keys and the signature. A token that passes
-    /// them, and is not expired, goes into the cache.
-    fn verify_signature(&self, raw: &str, leeway: i64) -> Result<Arc<VerifiedToken>, Denied> {
-        let settings = &self.config.tokens;
-        let token = token::split(raw).map_err(|e| denied(e.reason, e.message))?;
-        let alg = parse_algorithm(&token.header.alg)
-            .ok()
-            .filter(|alg| settings.algorithms.contains(alg))
-            .ok_or_else(|| {
-                let mut d = denied(
-                    DenyReason::UnsupportedAlgorithm,
-                    "the token's signing algorithm is not accepted",
-                );
-                // Read for the log line only: the algorithm decided before the claims.
-                d.claimed = token.claims().ok().and_then(claimed_owned);
-                d
-            })?;
-        let claims = token.claims().map_err(|e| denied(e.reason, e.message))?;
-        match self.issuer_key(&token, alg, &claims) {
-            Ok((issuer, fingerprint)) => {
-                let verified = Arc::new(VerifiedToken::new(
-                    claims,
-                    issuer,
-                    alg,
-                    token.header.kid.as_deref(),
-                    fingerprint,
-                ));
-                // A token already outside its time window would only be dropped on its next hit.
-                if verify::time_window(&verified.claims, self.now, leeway).is_ok() {
-                    self.cache.insert(raw, Arc::clone(&verified));
-                }
-                Ok(verified)
-            }
-            Err(mut d) => {
-                d.claimed = claimed_owned(claims);
-                Err(d)
-            }
-        }
-    }
-
-    /// The token's configured issuer and the fingerprint of the issuer's key that verifies
-    /// its signature.
-    fn issuer_key(
-        &self,
-        token: &token::UnverifiedToken<'_>,
-        alg: Algorithm,
-        claims: &Claims,
-    ) -> Result<(Arc<str>, u64), Denied> {
-        let iss = claims
-            .iss
-            .as_deref()
-            .ok_or_else(|| denied(DenyReason::UnknownIssuer, "the token has no issuer (iss)"))?;
-        let issuer = self.config.issuer(iss).ok_or_else(|| {
-            denied(
-                DenyReason::UnknownIssuer,
-                "the token's issuer is not trusted by this service",
-            )
-        })?;
-        let keys = self.snapshot.keys.get(&issuer.name).ok_or_else(|| {
-            denied(
-                DenyReason::KeysUnavailable,
-                "the keys of the token's issuer are not loaded yet; retry shortly",
-            )
-        })?;
-        let key = verify::signature(token, alg, keys).map_err(|e| {
-            let mut d = denied(e.reason, e.message);
-            if e.reason == DenyReason::UnknownKey {
-                d.refresh_issuer = Some(issuer.name.clone());
-            }
-            d
-        })?;
-        Ok((issuer.name.clone(), key.fingerprint))
-    }
-}
-
 struct TokenCheck<'a> {
     snapshot: &'a Snapshot,
     config: &'a Config,
@@ -494,7 +409,94 @@ impl TokenCheck<'_> {
             })
             .collect())
     }
+}
 
+/// The signature stage (what a cache hit skips), apart from any request.
+struct SignatureCheck<'a> {
+    snapshot: &'a Snapshot,
+    config: &'a Config,
+    now: i64,
+    cache: &'a TokenCache,
+}
+
+impl SignatureCheck<'_> {
+    /// The checks a cache hit skips, in the table's order: the token's structure, its
+    /// algorithm, its issuer, that issuer's keys and the signature. A token that passes
+    /// them, and is not expired, goes into the cache.
+    fn verify_signature(&self, raw: &str, leeway: i64) -> Result<Arc<VerifiedToken>, Denied> {
+        let settings = &self.config.tokens;
+        let token = token::split(raw).map_err(|e| denied(e.reason, e.message))?;
+        let alg = parse_algorithm(&token.header.alg)
+            .ok()
+            .filter(|alg| settings.algorithms.contains(alg))
+            .ok_or_else(|| {
+                let mut d = denied(
+                    DenyReason::UnsupportedAlgorithm,
+                    "the token's signing algorithm is not accepted",
+                );
+                // Read for the log line only: the algorithm decided before the claims.
+                d.claimed = token.claims().ok().and_then(claimed_owned);
+                d
+            })?;
+        let claims = token.claims().map_err(|e| denied(e.reason, e.message))?;
+        match self.issuer_key(&token, alg, &claims) {
+            Ok((issuer, fingerprint)) => {
+                let verified = Arc::new(VerifiedToken::new(
+                    claims,
+                    issuer,
+                    alg,
+                    token.header.kid.as_deref(),
+                    fingerprint,
+                ));
+                // A token already outside its time window would only be dropped on its next hit.
+                if verify::time_window(&verified.claims, self.now, leeway).is_ok() {
+                    self.cache.insert(raw, Arc::clone(&verified));
+                }
+                Ok(verified)
+            }
+            Err(mut d) => {
+                d.claimed = claimed_owned(claims);
+                Err(d)
+            }
+        }
+    }
+
+    /// The token's configured issuer and the fingerprint of the issuer's key that verifies
+    /// its signature.
+    fn issuer_key(
+        &self,
+        token: &token::UnverifiedToken<'_>,
+        alg: Algorithm,
+        claims: &Claims,
+    ) -> Result<(Arc<str>, u64), Denied> {
+        let iss = claims
+            .iss
+            .as_deref()
+            .ok_or_else(|| denied(DenyReason::UnknownIssuer, "the token has no issuer (iss)"))?;
+        let issuer = self.config.issuer(iss).ok_or_else(|| {
+            denied(
+                DenyReason::UnknownIssuer,
+                "the token's issuer is not trusted by this service",
+            )
+        })?;
+        let keys = self.snapshot.keys.get(&issuer.name).ok_or_else(|| {
+            denied(
+                DenyReason::KeysUnavailable,
+                "the keys of the token's issuer are not loaded yet; retry shortly",
+            )
+        })?;
+        let key = verify::signature(token, alg, keys).map_err(|e| {
+            let mut d = denied(e.reason, e.message);
+            if e.reason == DenyReason::UnknownKey {
+                d.refresh_issuer = Some(issuer.name.clone());
+            }
+            d
+        })?;
+        Ok((issuer.name.clone(), key.fingerprint))
+    }
+}
+
+impl TokenCheck<'_> {
     /// The instance headers must agree with the claims that are set (as the AI gateway
     /// checks them: a null or empty claim is not set); a missing header then counts as a
     /// mismatch. `x-gitlab-authentication-type: oidc` is always required.
