@@ -5,7 +5,7 @@
 #
 # Starts, all on 127.0.0.1:
 #   - `connector-authz serve --dev`   gRPC :9191, admin :9192; embedded dev issuer, dev routes
-#                                     (src/devmode/dev.yaml.template) and a 24 h dev token
+#                                     (src/dev_server/dev.yaml.template) and a 24 h dev token
 #   - two echo upstreams              :18081 (ai_gateway), :18082 (observability);
 #                                     tests/e2e/echo_upstream.py answers with what it received
 #   - Envoy with envoy/front-proxy.yaml  :10000 (admin :9901), ext_authz → :9191
@@ -26,7 +26,7 @@ LISTEN_PORT=${LISTEN_PORT:-10000}
 ADMIN_PORT=${ADMIN_PORT:-9901}
 AI_UPSTREAM_PORT=${AI_UPSTREAM_PORT:-18081}
 OBS_UPSTREAM_PORT=${OBS_UPSTREAM_PORT:-18082}
-AUTHZ_PORT=9191        # `serve --dev` listens here (src/devmode/dev.yaml.template)
+AUTHZ_PORT=9191        # `serve --dev` listens here (src/dev_server/dev.yaml.template)
 AUTHZ_ADMIN_PORT=9192
 
 say() { echo "demo: $*" >&2; }
@@ -107,7 +107,7 @@ curl -i -X POST $gateway/ai/v1/proxy/vertex-ai \\
   -H "X-Gitlab-Realm: self-managed" -H "X-Gitlab-Authentication-Type: oidc" \\
   -H "X-Gitlab-Unit-Primitive: explain_vulnerability"
 
-# public, no token: the observability upstream (its route in src/devmode/dev.yaml.template)
+# public, no token: the observability upstream (its route in src/dev_server/dev.yaml.template)
 curl -i $gateway/observability/v1/health
 
 # stop connector-authz: it answers for its 5 s shutdown delay, then Envoy (still up)

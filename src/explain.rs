@@ -1,10 +1,11 @@
 //! `connector-authz explain`: the decision the sidecar would make on one request, and
 //! every step that led to it.
 //!
-//! The decision comes from the same [`decide`] the server calls, on a snapshot built the
-//! way the server builds it at start: `jwks_file` keys, the cache directory for network
-//! issuers, or (with `--fetch`) a live fetch of the token's issuer. The rest of the
-//! output only describes what `decide` looked at; it never changes the decision.
+//! The decision comes from the same `decide` the server calls (as [`decide_traced`], which
+//! records each step it takes), on a snapshot built the way the server builds it at start:
+//! `jwks_file` keys, the cache directory for network issuers, or (with `--fetch`) a live
+//! fetch of the token's issuer. The rest of the output prints that trace: what `decide`
+//! looked at, never a second walk of the pipeline.
 //!
 //! Nothing here prints the raw token or its signature: only its decoded header and claims.
 
@@ -12,14 +13,14 @@ use std::fmt::Write as _;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use crate::config::{Config, KeysFrom};
-use crate::decide::{Snapshot, decide};
-use crate::decision::{Decision, Headers, Request};
+use crate::config::{Config, KeysFrom, Mode};
+use crate::decide::{Snapshot, Trace, decide_traced};
+use crate::decision::{Decision, DenyReason, Headers, Request};
 use crate::keys::cache::KeyCache;
 use crate::keys::fetch::{HttpFetcher, fetch_key_set, load_key_file};
 use crate::keys::jwks::KeyLimits;
 use crate::keys::{KeySet, KeySnapshot, refresh::network_source};
-use crate::route::{Access, normalize_path};
+use crate::route::{Access, Methods, Route};
 use crate::token::{self, Audience, Claims};
 
 /// What `explain` found: the decision and the report to print.
@@ -99,16 +100,20 @@ fn source_word(set: &KeySet) -> &'static str {
     }
 }
 
-/// Decides `req` with [`decide`] and describes each step.
+/// Decides `req` with [`decide_traced`] and describes each step the decision took.
 pub fn explain(snapshot: &Snapshot, req: &Request<'_>, now: SystemTime) -> Explanation {
-    let decision = decide(snapshot, req, now);
-    let config = &*snapshot.config;
+    let (decision, trace) = decide_traced(snapshot, req, now);
     let mut out = String::new();
-    let now_secs = now
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX));
+    write_decision(&mut out, &decision);
+    write_steps(&mut out, snapshot, req, now, &decision, &trace);
+    Explanation {
+        decision,
+        report: out,
+    }
+}
 
-    match &decision {
+fn write_decision(out: &mut String, decision: &Decision) {
+    match decision {
         Decision::Allow(allowed) => match &allowed.dry_run {
             None => {
                 let _ = writeln!(out, "decision: allow (backend {})", allowed.backend);
@@ -135,31 +140,132 @@ pub fn explain(snapshot: &Snapshot, req: &Request<'_>, now: SystemTime) -> Expla
             );
         }
     }
+}
+
+/// The steps in the order `decide` took them, each from what the trace recorded; the
+/// report stops where the decision was made.
+fn write_steps(
+    out: &mut String,
+    snapshot: &Snapshot,
+    req: &Request<'_>,
+    now: SystemTime,
+    decision: &Decision,
+    trace: &Trace,
+) {
+    let config = &*snapshot.config;
 
     // 1. The path and the route.
     let _ = writeln!(out, "\nrequest: {} {}", req.method, req.path);
-    let path = match normalize_path(req.path) {
-        Ok(path) => {
-            let _ = writeln!(out, "  normalized path: {path}");
-            path
+    let Some(path) = &trace.path else {
+        let _ = writeln!(out, "  path refused (see the decision above)");
+        return;
+    };
+    let _ = writeln!(out, "  normalized path: {path}");
+    let Some(route) = decision.route().map(|i| &config.routes.routes()[i]) else {
+        write_no_route(out, config, req.method, path);
+        return;
+    };
+    write_route(out, config, route, req);
+    let Access::Token { .. } = route.access else {
+        return;
+    };
+
+    // 2. The token (decoded; never the raw token or its signature).
+    let Some(header) = &trace.header else {
+        let _ = writeln!(out, "\ntoken: not read (see the decision above)");
+        return;
+    };
+    let _ = writeln!(
+        out,
+        "\ntoken header: alg {}, kid {}, typ {}",
+        header.alg,
+        header.kid.as_deref().unwrap_or("(none)"),
+        header.typ.as_deref().unwrap_or("(none)")
+    );
+    let Some(claims) = &trace.claims else {
+        let _ = writeln!(out, "token claims: not readable (see the decision above)");
+        return;
+    };
+    let now_secs = now
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX));
+    write_claims(out, claims, now_secs);
+
+    // 3. The issuer and its keys.
+    match trace.issuer.as_ref().and_then(|name| config.issuer(name)) {
+        None if claims.iss.is_some() => {
+            let _ = writeln!(out, "\nissuer: not one of the configured issuers");
         }
-        Err(e) => {
-            let _ = writeln!(out, "  path refused: {}", e.message());
-            return Explanation {
-                decision,
-                report: out,
+        None => {
+            let _ = writeln!(out, "\nissuer: not checked (see the decision above)");
+        }
+        Some(issuer) => {
+            let from = match &issuer.keys_from {
+                KeysFrom::Discovery => "discovery".to_string(),
+                KeysFrom::JwksUri(uri) => format!("jwks_uri {uri}"),
+                KeysFrom::JwksFile(path) => format!("jwks_file {}", path.display()),
             };
+            let _ = writeln!(out, "\nissuer: {} (keys from {from})", issuer.name);
+            write_keys(
+                out,
+                snapshot,
+                &issuer.name,
+                header.kid.as_deref(),
+                trace.key,
+                now,
+            );
+        }
+    }
+
+    // 4. Unit primitives, when the decision got that far.
+    let Some(scopes) = &trace.scopes else {
+        let _ = writeln!(out, "\nscopes: not compared (the decision was made before)");
+        return;
+    };
+    let list = |v: &[String]| {
+        if v.is_empty() {
+            "none".to_string()
+        } else {
+            v.join(" ")
         }
     };
-    let Some(route) = config.routes.find(&path, req.method) else {
-        let _ = writeln!(out, "  route: none matches {} {path}", req.method);
-        return Explanation {
-            decision,
-            report: out,
-        };
-    };
+    let mut needed = list(&scopes.needed);
+    if !scopes.any_of.is_empty() {
+        needed = format!("{needed}; one of {}", scopes.any_of.join(" "));
+    }
+    let _ = writeln!(
+        out,
+        "\nscopes: needed {needed}; held {}; missing {}",
+        list(&scopes.held),
+        list(&scopes.missing)
+    );
+}
+
+/// Why no route took the request: no pattern matches, or the most specific pattern that
+/// matches takes other methods.
+fn write_no_route(out: &mut String, config: &Config, method: &str, path: &str) {
+    let others: Vec<_> = config.routes.routes_of_pattern(path).collect();
+    match others.first() {
+        None => {
+            let _ = writeln!(out, "  route: no pattern matches {path}");
+        }
+        Some(first) => {
+            let methods: Vec<&str> = others.iter().flat_map(|r| r.methods.names()).collect();
+            let _ = writeln!(
+                out,
+                "  route: {} at {}:{} matches the path but takes only {}, not {method}",
+                first.pattern,
+                config.source.display(),
+                first.line,
+                methods.join(",")
+            );
+        }
+    }
+}
+
+fn write_route(out: &mut String, config: &Config, route: &Route, req: &Request<'_>) {
     let backend = &config.backends[route.backend];
-    let methods = if route.methods == crate::route::Methods::ANY {
+    let methods = if route.methods == Methods::ANY {
         "any method".to_string()
     } else {
         route.methods.names().join(",")
@@ -176,7 +282,7 @@ pub fn explain(snapshot: &Snapshot, req: &Request<'_>, now: SystemTime) -> Expla
         "  backend: {} (audience {}){}",
         backend.name,
         backend.audience,
-        if backend.mode == crate::config::Mode::DryRun {
+        if backend.mode == Mode::DryRun {
             ", mode: dry_run"
         } else {
             ""
@@ -185,25 +291,15 @@ pub fn explain(snapshot: &Snapshot, req: &Request<'_>, now: SystemTime) -> Expla
     for f in &backend.forward_claims {
         let _ = writeln!(out, "  forwards claim {} as header {}", f.claim, f.header);
     }
-    let (require, require_any, user_tokens, named_header) = match &route.access {
-        Access::Public => {
-            let _ = writeln!(out, "  requires: nothing (public route, no token needed)");
-            return Explanation {
-                decision,
-                report: out,
-            };
-        }
-        Access::Token {
-            require,
-            require_any,
-            user_tokens,
-            unit_primitive_header,
-        } => (
-            require,
-            require_any,
-            *user_tokens,
-            unit_primitive_header.as_deref(),
-        ),
+    let Access::Token {
+        require,
+        require_any,
+        user_tokens,
+        unit_primitive_header,
+    } = &route.access
+    else {
+        let _ = writeln!(out, "  requires: nothing (public route, no token needed)");
+        return;
     };
     let mut needs: Vec<String> = require.iter().map(|r| r.to_string()).collect();
     if !require_any.is_empty() {
@@ -212,7 +308,7 @@ pub fn explain(snapshot: &Snapshot, req: &Request<'_>, now: SystemTime) -> Expla
     if !user_tokens {
         needs.push("an instance token (user_tokens: false)".into());
     }
-    if let Some(header) = named_header {
+    if let Some(header) = unit_primitive_header {
         let named = req.headers.get(header).one().unwrap_or("(header absent)");
         needs.push(format!("the unit primitive named by {header}: {named}"));
     }
@@ -223,133 +319,48 @@ pub fn explain(snapshot: &Snapshot, req: &Request<'_>, now: SystemTime) -> Expla
     for name in &route.deprecated {
         let _ = writeln!(out, "  note: {name} is deprecated");
     }
+}
 
-    // 2. The token (decoded; never the raw token or its signature).
-    let raw = match token::bearer(req.headers, config.tokens.max_bytes) {
-        Ok(raw) => raw,
-        Err(e) => {
-            let _ = writeln!(out, "\ntoken: {}", e.message);
-            return Explanation {
-                decision,
-                report: out,
-            };
-        }
+/// The issuer's loaded keys and what the key lookup found.
+fn write_keys(
+    out: &mut String,
+    snapshot: &Snapshot,
+    issuer: &str,
+    kid: Option<&str>,
+    found: Option<Result<u64, DenyReason>>,
+    now: SystemTime,
+) {
+    let Some(set) = snapshot.keys.get(issuer) else {
+        let _ = writeln!(out, "  keys: none loaded");
+        return;
     };
-    let unverified = match token::split(raw) {
-        Ok(t) => t,
-        Err(e) => {
-            let _ = writeln!(out, "\ntoken: {}", e.message);
-            return Explanation {
-                decision,
-                report: out,
-            };
-        }
-    };
-    let header = &unverified.header;
-    let _ = writeln!(
-        out,
-        "\ntoken header: alg {}, kid {}, typ {}",
-        header.alg,
-        header.kid.as_deref().unwrap_or("(none)"),
-        header.typ.as_deref().unwrap_or("(none)")
-    );
-    let claims = match unverified.claims() {
-        Ok(claims) => claims,
-        Err(e) => {
-            let _ = writeln!(out, "token claims: {}", e.message);
-            return Explanation {
-                decision,
-                report: out,
-            };
-        }
-    };
-    write_claims(&mut out, &claims, now_secs);
-
-    // 3. The issuer and its keys.
-    match claims.iss.as_deref().and_then(|iss| config.issuer(iss)) {
-        None => {
-            let _ = writeln!(out, "\nissuer: not one of the configured issuers");
-        }
-        Some(issuer) => {
-            let from = match &issuer.keys_from {
-                KeysFrom::Discovery => "discovery".to_string(),
-                KeysFrom::JwksUri(uri) => format!("jwks_uri {uri}"),
-                KeysFrom::JwksFile(path) => format!("jwks_file {}", path.display()),
-            };
-            let _ = writeln!(out, "\nissuer: {} (keys from {from})", issuer.name);
-            match snapshot.keys.get(&issuer.name) {
-                None => {
-                    let _ = writeln!(out, "  keys: none loaded");
-                }
-                Some(set) => {
-                    let kids: Vec<&str> = set
-                        .keys
-                        .iter()
-                        .map(|k| k.kid.as_deref().unwrap_or("(no kid)"))
-                        .collect();
-                    let age = now
-                        .duration_since(set.loaded_at)
-                        .map(|d| Duration::from_secs(d.as_secs()))
-                        .unwrap_or_default();
-                    let _ = writeln!(
-                        out,
-                        "  keys: {} from {}, loaded {} ago: {}",
-                        set.keys.len(),
-                        source_word(set),
-                        humantime::format_duration(age),
-                        kids.join(", ")
-                    );
-                    match header.kid.as_deref() {
-                        Some(kid) if set.by_kid(kid).is_some() => {
-                            let _ = writeln!(out, "  key {kid}: found");
-                        }
-                        Some(kid) => {
-                            let _ = writeln!(out, "  key {kid}: not found");
-                        }
-                        None => {
-                            let _ = writeln!(
-                                out,
-                                "  key: the token names no kid; tried against the issuer's keys"
-                            );
-                        }
-                    }
-                }
-            }
-        }
-    }
-
-    // 4. Scopes.
-    let held = claims.scopes.as_deref().unwrap_or_default();
-    let mut needed: Vec<&str> = require.iter().map(|r| &**r).collect();
-    if let Some(header) = named_header
-        && let Some(named) = req.headers.get(header).one()
-    {
-        needed.push(named.trim());
-    }
-    let missing: Vec<&str> = needed
+    let kids: Vec<&str> = set
+        .keys
         .iter()
-        .copied()
-        .filter(|n| !held.iter().any(|h| h == n))
+        .map(|k| k.kid.as_deref().unwrap_or("(no kid)"))
         .collect();
-    let list = |v: &[&str]| {
-        if v.is_empty() {
-            "none".to_string()
-        } else {
-            v.join(" ")
-        }
-    };
-    let held: Vec<&str> = held.iter().map(String::as_str).collect();
+    let age = now
+        .duration_since(set.loaded_at)
+        .map(|d| Duration::from_secs(d.as_secs()))
+        .unwrap_or_default();
     let _ = writeln!(
         out,
-        "\nscopes: needed {}; held {}; missing {}",
-        list(&needed),
-        list(&held),
-        list(&missing)
+        "  keys: {} from {}, loaded {} ago: {}",
+        set.keys.len(),
+        source_word(set),
+        humantime::format_duration(age),
+        kids.join(", ")
     );
-    Explanation {
-        decision,
-        report: out,
-    }
+    let key = kid.map_or_else(
+        || "key (the token names no kid)".to_string(),
+        |k| format!("key {k}"),
+    );
+    let _ = match found {
+        None => writeln!(out, "  {key}: not looked up (see the decision above)"),
+        Some(Ok(_)) => writeln!(out, "  {key}: found; the signature verifies"),
+        Some(Err(DenyReason::UnknownKey)) => writeln!(out, "  {key}: not found"),
+        Some(Err(reason)) => writeln!(out, "  {key}: {reason}"),
+    };
 }
 
 fn write_claims(out: &mut String, claims: &Claims, now: i64) {

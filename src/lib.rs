@@ -18,21 +18,23 @@ pub use connector_authz_core::{
 pub mod keys {
     pub use connector_authz_core::keys::*;
 
-    pub mod cache;
+    pub(crate) mod cache;
     pub mod fetch;
-    pub mod refresh;
+    pub(crate) mod refresh;
 
-    pub use refresh::{KeyManager, missing_issuers};
+    pub use refresh::{FetchStats, KeyManager};
 }
 
+pub(crate) mod admin;
 pub mod cli;
 pub(crate) mod deprecation;
-pub(crate) mod devmode;
+pub(crate) mod dev_server;
 pub(crate) mod explain;
 /// The proxy-wasm filter's feed (`/v1/snapshot`, `/v1/verify`) on the admin listener.
 pub mod filter_feed;
 pub mod grpc;
 pub mod metrics;
 pub mod proto;
+pub(crate) mod reload;
 pub mod serve;
 pub mod transport;

@@ -23,11 +23,16 @@ fn main() -> ExitCode {
         LogFormat::Text => logs.init(),
         LogFormat::Json => logs.json().init(),
     }
-    // A sidecar shares its pod's CPU: two workers are plenty for Checks that take microseconds.
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build();
+    let runtime = match cli.workers.threads() {
+        1 => tokio::runtime::Builder::new_current_thread(),
+        n => {
+            let mut builder = tokio::runtime::Builder::new_multi_thread();
+            builder.worker_threads(n);
+            builder
+        }
+    }
+    .enable_all()
+    .build();
     let result = match runtime {
         Ok(rt) => rt.block_on(connector_authz::cli::run(cli)),
         Err(e) => Err(e.into()),

@@ -57,14 +57,14 @@ pub enum Format {
 
 impl Format {
     /// The format an `Accept` header asks for.
-    pub fn from_accept(accept: Option<&str>) -> Format {
+    pub(crate) fn from_accept(accept: Option<&str>) -> Format {
         match accept {
             Some(a) if a.contains("application/openmetrics-text") => Format::OpenMetrics,
             _ => Format::Prometheus,
         }
     }
 
-    pub fn content_type(self) -> &'static str {
+    pub(crate) fn content_type(self) -> &'static str {
         match self {
             Format::OpenMetrics => "application/openmetrics-text; version=1.0.0; charset=utf-8",
             Format::Prometheus => "text/plain; version=0.0.4; charset=utf-8",
@@ -123,6 +123,7 @@ impl std::fmt::Debug for Metrics {
     }
 }
 
+/// Metrics without the key metrics (tests, and a service no one scrapes).
 impl Default for Metrics {
     fn default() -> Self {
         Self::build(None)
@@ -130,13 +131,8 @@ impl Default for Metrics {
 }
 
 impl Metrics {
-    /// Metrics without the key metrics (tests, `explain`).
-    pub fn new() -> Self {
-        Self::default()
-    }
-
     /// Metrics with the key metrics, read at each scrape from `snapshot` and `keys`.
-    pub fn with_keys(snapshot: Arc<ArcSwap<Snapshot>>, keys: Arc<KeyManager>) -> Self {
+    pub(crate) fn with_keys(snapshot: Arc<ArcSwap<Snapshot>>, keys: Arc<KeyManager>) -> Self {
         Self::build(Some(KeysCollector { snapshot, keys }))
     }
 
@@ -216,7 +212,7 @@ impl Metrics {
     }
 
     /// Counts one answered Check and its latency.
-    pub fn check_decided(&self, decision: &Decision, elapsed: Duration) {
+    pub(crate) fn check_decided(&self, decision: &Decision, elapsed: Duration) {
         let labels = match decision {
             Decision::Allow(Allowed {
                 backend,
@@ -247,7 +243,7 @@ impl Metrics {
     }
 
     /// Counts a Check that was a gRPC error (a CheckRequest without HTTP attributes).
-    pub fn check_failed(&self, elapsed: Duration) {
+    pub(crate) fn check_failed(&self, elapsed: Duration) {
         let labels = CheckLabels {
             decision: "error",
             reason: "invalid_argument",
@@ -257,7 +253,7 @@ impl Metrics {
         self.check_duration.observe(elapsed.as_secs_f64());
     }
 
-    pub fn config_reloaded(&self, ok: bool) {
+    pub(crate) fn config_reloaded(&self, ok: bool) {
         let result = if ok { "success" } else { "error" };
         self.config_reloads
             .get_or_create(&ResultLabels { result })
@@ -265,13 +261,13 @@ impl Metrics {
     }
 
     /// Records the registry of a configuration that was just loaded (at start or reload).
-    pub fn registry_loaded(&self, registry: Option<&crate::registry::Registry>) {
+    pub(crate) fn registry_loaded(&self, registry: Option<&crate::registry::Registry>) {
         let unknown = registry.map_or(0, |r| r.unknown_fields().len());
         self.registry_unknown_fields
             .set(i64::try_from(unknown).unwrap_or(i64::MAX));
     }
 
-    pub fn deprecated_unit_primitive_used(&self, unit_primitive: &str) {
+    pub(crate) fn deprecated_unit_primitive_used(&self, unit_primitive: &str) {
         self.deprecated_unit_primitives
             .get_or_create(&UnitPrimitiveLabels {
                 unit_primitive: unit_primitive.to_owned(),
@@ -281,7 +277,7 @@ impl Metrics {
 
     /// The token cache's hit and miss counters, for the cache to count into directly
     /// (`TokenCache::counting_into`): one atomic add per lookup, no lock.
-    pub fn token_cache_counters(&self) -> (Counter, Counter) {
+    pub(crate) fn token_cache_counters(&self) -> (Counter, Counter) {
         (
             self.token_cache_hits.clone(),
             self.token_cache_misses.clone(),
@@ -413,7 +409,7 @@ mod tests {
 
     #[test]
     fn checks_are_counted_by_decision_reason_and_backend() {
-        let metrics = Metrics::new();
+        let metrics = Metrics::default();
         let allow = Decision::Allow(Allowed {
             backend: Arc::from("ai_gateway"),
             route: None,
@@ -469,7 +465,7 @@ mod tests {
 
     #[test]
     fn prometheus_text_names_counters_by_their_samples() {
-        let metrics = Metrics::new();
+        let metrics = Metrics::default();
         metrics.config_reloaded(false);
         metrics.token_cache_counters().0.inc();
         let text = metrics.encode(Format::Prometheus);

@@ -1,7 +1,7 @@
 //! Running the sidecar: bind the gRPC and admin listeners, start the key manager,
 //! serve `envoy.service.auth.v3.Authorization` and `grpc.health.v1.Health` on the gRPC
-//! port and `/healthz`, `/readyz` and `/metrics` on the admin port, reload the
-//! configuration when asked, and drain on the way out.
+//! port and the admin endpoints ([`crate::admin`]) on the admin port, reload the
+//! configuration when asked ([`crate::reload`]), and drain on the way out.
 //!
 //! Shutting down ([`Running::shutdown_within`]) goes in this order: readiness turns to
 //! 503 and gRPC health to `NOT_SERVING` ([`Running::stop_being_ready`], which the command
@@ -12,44 +12,34 @@
 //! then the admin listener closes and the key refresh stops. Keys are stopped last so
 //! that a Check waiting for an unknown-kid refresh still gets its answer.
 
-use std::hash::{Hash as _, Hasher as _};
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
-use axum::Router;
-use axum::extract::State;
-use axum::http::{HeaderMap, StatusCode, header};
-use axum::response::{IntoResponse, Json};
-use axum::routing::get;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tonic::transport::server::TcpIncoming;
 use tonic_health::ServingStatus;
 
-use crate::config::{Config, ConfigError, Listen};
+use crate::admin::AdminState;
+use crate::config::{Config, ConfigError};
 use crate::decide::Snapshot;
 use crate::grpc::AuthzService;
 use crate::keys::{KeyManager, KeyRefresher};
-use crate::metrics::{Format, Metrics};
+use crate::metrics::Metrics;
+use crate::reload::Reloader;
 use crate::transport::CoalescingIncoming;
 
 /// The gRPC service name that health checks ask about, besides the server as a whole ("").
 const AUTHZ_SERVICE_NAME: &str = "envoy.service.auth.v3.Authorization";
 
-/// How long the sidecar keeps answering Checks after SIGTERM with readiness already off,
-/// before it drains: long enough for Kubernetes to take the pod out of its endpoints and
-/// for the proxies that call it to notice.
-pub const DEFAULT_SHUTDOWN_DELAY: Duration = Duration::from_secs(5);
-
 /// How long Checks in flight may take to finish once shutdown starts.
 pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// How often the configuration file is looked at for changes.
-pub const CONFIG_POLL_INTERVAL: Duration = Duration::from_secs(2);
+pub(crate) const CONFIG_POLL_INTERVAL: Duration = Duration::from_secs(2);
 
 /// A running sidecar: its bound addresses and the handle to reload and stop it.
 pub struct Running {
@@ -74,7 +64,7 @@ pub struct Running {
 
 impl Running {
     /// Loads the configuration file again and, if it is valid, swaps it in whole (see
-    /// [`KeyManager::reconfigure`]). An invalid file is logged with its file and line,
+    /// [`crate::reload`]). An invalid file is logged with its file and line,
     /// counted, and returned; the configuration in use stays.
     pub async fn reload(&self) -> Result<(), ConfigError> {
         self.reloader.reload().await
@@ -83,7 +73,7 @@ impl Running {
     /// Changes every reloaded configuration before it is checked and swapped in, as the
     /// first one was changed before [`start`] (command-line overrides of `listen`). Set it
     /// before [`Running::watch_config`]; a second call is ignored.
-    pub fn adjust_reloads(&mut self, adjust: impl Fn(&mut Config) + Send + Sync + 'static) {
+    pub(crate) fn adjust_reloads(&mut self, adjust: impl Fn(&mut Config) + Send + Sync + 'static) {
         let _ = self.reloader.adjust.set(Box::new(adjust));
     }
 
@@ -91,29 +81,8 @@ impl Running {
     /// Reading the contents (rather than a modification time) also sees a Kubernetes
     /// ConfigMap update, which swaps a symlink under the file's path.
     pub fn watch_config(&mut self, every: Duration) {
-        let reloader = Arc::clone(&self.reloader);
-        let mut stopped = self.stop_rest.subscribe();
-        reloader.remember(file_fingerprint(&reloader.path));
-        self.tasks.push(tokio::spawn(async move {
-            let mut ticks = tokio::time::interval(every);
-            ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            loop {
-                tokio::select! {
-                    _ = stopped.wait_for(|s| *s) => return,
-                    _ = ticks.tick() => {}
-                }
-                let path = reloader.path.clone();
-                let now = tokio::task::spawn_blocking(move || file_fingerprint(&path))
-                    .await
-                    .ok()
-                    .flatten();
-                // A file that is briefly missing (mid-swap) is not a change.
-                if now.is_some() && now != reloader.seen() {
-                    tracing::info!(path = %reloader.path.display(), "the configuration file changed; reloading");
-                    let _ = reloader.reload().await;
-                }
-            }
-        }));
+        let task = self.reloader.watch(every, self.stop_rest.subscribe());
+        self.tasks.push(task);
     }
 
     /// [`Running::shutdown_within`] the [`DEFAULT_DRAIN_TIMEOUT`].
@@ -125,7 +94,7 @@ impl Running {
     /// `NOT_SERVING`) while every listener keeps serving: Checks are still answered, on
     /// open connections and new ones. The first step of shutting down; calling it again
     /// does nothing.
-    pub async fn stop_being_ready(&mut self) {
+    pub(crate) async fn stop_being_ready(&mut self) {
         self.draining.send_replace(true);
         // The health task stops following readiness when draining starts; then we have
         // the last word.
@@ -174,11 +143,12 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
 
     // Keys start empty: the key manager fills them in (files and cache at once, the
     // network in the background) and keeps them fresh until shutdown.
+    let config = Arc::new(config);
     let snapshot = Arc::new(ArcSwap::from_pointee(Snapshot::new(
-        Arc::new(config),
+        Arc::clone(&config),
         Arc::default(),
     )));
-    let keys = KeyManager::start_http(snapshot.clone())?;
+    let keys = KeyManager::start_http(&config, snapshot.clone())?;
     keys.initial_load().await;
     let metrics = Arc::new(Metrics::with_keys(snapshot.clone(), keys.clone()));
     metrics.registry_loaded(snapshot.load().config.registry.as_deref());
@@ -218,7 +188,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
     };
     let admin_task = {
         let mut stopped = rest_stopped;
-        let app = admin_router(AdminState {
+        let app = crate::admin::router(AdminState {
             keys: keys.clone(),
             metrics: metrics.clone(),
             draining: draining_rx,
@@ -236,15 +206,13 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         })
     };
     tracing::info!(%grpc_addr, %admin_addr, "connector-authz is serving");
-    let reloader = Arc::new(Reloader {
-        path: config_path,
+    let reloader = Arc::new(Reloader::new(
+        config_path,
         listen,
-        keys: keys.clone(),
-        metrics: metrics.clone(),
-        one_at_a_time: tokio::sync::Mutex::new(()),
-        adjust: std::sync::OnceLock::new(),
-        seen: std::sync::Mutex::new(None),
-    });
+        snapshot.clone(),
+        keys.clone(),
+        metrics.clone(),
+    ));
     Ok(Running {
         grpc_addr,
         admin_addr,
@@ -260,78 +228,6 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         health_task: Some(health_task),
         tasks: vec![admin_task],
     })
-}
-
-/// A change made to every reloaded configuration (see [`Running::adjust_reloads`]).
-type AdjustConfig = Box<dyn Fn(&mut Config) + Send + Sync>;
-
-/// Reloads the configuration file on request (SIGHUP, a change of the file).
-struct Reloader {
-    path: PathBuf,
-    /// The listen addresses at start; a reload cannot move them.
-    listen: Listen,
-    keys: Arc<KeyManager>,
-    metrics: Arc<Metrics>,
-    one_at_a_time: tokio::sync::Mutex<()>,
-    adjust: std::sync::OnceLock<AdjustConfig>,
-    /// The fingerprint of the file contents last loaded (or rejected).
-    seen: std::sync::Mutex<Option<u64>>,
-}
-
-impl Reloader {
-    async fn reload(&self) -> Result<(), ConfigError> {
-        let _one_at_a_time = self.one_at_a_time.lock().await;
-        let path = self.path.clone();
-        // The fingerprint first: should the file change while it is loaded, the next
-        // look sees a difference and loads it again.
-        let (fingerprint, loaded) =
-            tokio::task::spawn_blocking(move || (file_fingerprint(&path), Config::load(&path)))
-                .await
-                .map_err(|e| {
-                    ConfigError::new(&self.path, 0, format!("reload did not finish: {e}"))
-                })?;
-        self.remember(fingerprint);
-        let mut config = match loaded {
-            Ok(config) => config,
-            Err(error) => {
-                self.metrics.config_reloaded(false);
-                tracing::error!(%error, "configuration reload rejected; still serving the previous configuration");
-                return Err(error);
-            }
-        };
-        if let Some(adjust) = self.adjust.get() {
-            adjust(&mut config);
-        }
-        if config.listen != self.listen {
-            tracing::warn!(
-                grpc = %config.listen.grpc,
-                admin = %config.listen.admin,
-                "listen addresses cannot change on reload; restart connector-authz to move them (still listening on the old ones)"
-            );
-        }
-        let (issuers, routes) = (config.issuers.len(), config.routes.routes().len());
-        self.metrics.registry_loaded(config.registry.as_deref());
-        self.keys.reconfigure(Arc::new(config)).await;
-        self.metrics.config_reloaded(true);
-        tracing::info!(issuers, routes, path = %self.path.display(), "configuration reloaded");
-        Ok(())
-    }
-
-    fn seen(&self) -> Option<u64> {
-        *self.seen.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    fn remember(&self, fingerprint: Option<u64>) {
-        *self.seen.lock().unwrap_or_else(|p| p.into_inner()) = fingerprint;
-    }
-}
-
-/// A hash of the file's contents (following symlinks); `None` when it cannot be read.
-fn file_fingerprint(path: &Path) -> Option<u64> {
-    let bytes = std::fs::read(path).ok()?;
-    let mut hasher = std::collections::hash_map::DefaultHasher::new();
-    bytes.hash(&mut hasher);
-    Some(hasher.finish())
 }
 
 /// Keeps `grpc.health.v1.Health` at `SERVING` exactly while every issuer has keys, until
@@ -359,47 +255,4 @@ async fn report_health(health: &tonic_health::server::HealthReporter, ready: boo
     };
     health.set_service_status("", status).await;
     health.set_service_status(AUTHZ_SERVICE_NAME, status).await;
-}
-
-#[derive(Clone)]
-struct AdminState {
-    keys: Arc<KeyManager>,
-    metrics: Arc<Metrics>,
-    draining: watch::Receiver<bool>,
-}
-
-fn admin_router(state: AdminState) -> Router {
-    Router::new()
-        .route("/healthz", get(|| async { (StatusCode::OK, "ok\n") }))
-        .route("/readyz", get(readyz))
-        .route("/metrics", get(metrics))
-        .with_state(state)
-}
-
-async fn readyz(State(state): State<AdminState>) -> impl IntoResponse {
-    let draining = *state.draining.borrow();
-    let missing = state.keys.missing_issuers();
-    let ready = missing.is_empty() && !draining;
-    let status = if ready {
-        StatusCode::OK
-    } else {
-        StatusCode::SERVICE_UNAVAILABLE
-    };
-    let missing: Vec<&str> = missing.iter().map(|m| &**m).collect();
-    let mut body = serde_json::json!({ "ready": ready, "issuers_without_keys": missing });
-    if draining {
-        body["draining"] = serde_json::Value::Bool(true);
-    }
-    (status, Json(body))
-}
-
-async fn metrics(State(state): State<AdminState>, headers: HeaderMap) -> impl IntoResponse {
-    let accept = headers
-        .get(header::ACCEPT)
-        .and_then(|value| value.to_str().ok());
-    let format = Format::from_accept(accept);
-    (
-        [(header::CONTENT_TYPE, format.content_type())],
-        state.metrics.encode(format),
-    )
 }

@@ -123,15 +123,13 @@ backends:
     }
 
     async fn check(&self, method: &str, path: &str, headers: &[(&str, &str)]) -> Outcome {
-        let headers: HashMap<String, String> = headers
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect();
         let response = self
             .client
             .clone()
-            .check(connector_authz::grpc::http_check_request(
-                method, path, headers,
+            .check(support::check_request(
+                method,
+                path,
+                headers.iter().copied(),
             ))
             .await
             .expect("Check is a successful RPC")

@@ -6,7 +6,6 @@
 
 mod support;
 
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -16,7 +15,9 @@ use connector_authz::proto::envoy::service::auth::v3::{
     CheckRequest, authorization_client::AuthorizationClient, check_response,
 };
 use connector_authz::serve;
-use support::{FakeIssuer, Mode, claims, now, test_key, test_key_with_kid};
+use support::{
+    FakeIssuer, Mode, check_request, claims, instance_headers, now, test_key, test_key_with_kid,
+};
 use tokio::sync::Mutex;
 
 const AUDIENCE: &str = "gitlab-ai-gateway";
@@ -56,20 +57,7 @@ fn expected(kind: Kind, phase: usize, since: Duration) -> Option<bool> {
 }
 
 fn request(token: &str) -> CheckRequest {
-    let headers: HashMap<String, String> = [
-        ("authorization".to_string(), format!("Bearer {token}")),
-        ("x-gitlab-realm".to_string(), "self-managed".to_string()),
-        (
-            "x-gitlab-authentication-type".to_string(),
-            "oidc".to_string(),
-        ),
-        (
-            "x-gitlab-instance-id".to_string(),
-            "test-instance-id".to_string(),
-        ),
-    ]
-    .into();
-    connector_authz::grpc::http_check_request("POST", "/ai/v2/code/completions", headers)
+    check_request("POST", "/ai/v2/code/completions", instance_headers(token))
 }
 
 fn rss_kib() -> u64 {

@@ -395,9 +395,12 @@ fn mint_and_check_against_serve_with_a_config() {
     let key = dir.path().join("key.pem");
     std::fs::write(&key, test_key(1).to_pkcs8_pem().unwrap()).unwrap();
     let (grpc, admin) = (free_addr(), free_addr());
+    // One runtime thread (the current-thread scheduler); serve --dev above runs on `auto`.
     let mut sidecar = Sidecar(
         Command::new(BIN)
             .args([
+                "--workers",
+                "1",
                 "serve",
                 "--config",
                 config.to_str().unwrap(),

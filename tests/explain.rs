@@ -5,7 +5,7 @@
 
 mod support;
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -16,12 +16,13 @@ use connector_authz::config::Config;
 use connector_authz::decision::DenyReason;
 use connector_authz::dev::DevKey;
 use connector_authz::proto::envoy::service::auth::v3::{
-    AttributeContext, CheckRequest, attribute_context, authorization_client::AuthorizationClient,
-    check_response,
+    authorization_client::AuthorizationClient, check_response,
 };
 use connector_authz::serve;
 use serde_json::{Value, json};
-use support::{FakeIssuer, Mode, claims, finished_key_sets, now, test_key, test_key_with_kid};
+use support::{
+    FakeIssuer, Mode, check_request, claims, finished_key_sets, now, test_key, test_key_with_kid,
+};
 
 const AUTHZ_BIN: &str = env!("CARGO_BIN_EXE_connector-authz");
 const AUDIENCE: &str = "gitlab-ai-gateway";
@@ -230,21 +231,7 @@ fn rows(a: &str, b: &str, down: &str) -> Vec<Row> {
 
 /// What a CheckResponse decided: "allow" or the deny reason.
 async fn server_answer(client: &AuthorizationClient<tonic::transport::Channel>, r: &Row) -> String {
-    let headers: HashMap<String, String> = r.all_headers().into_iter().collect();
-    let request = CheckRequest {
-        attributes: Some(AttributeContext {
-            request: Some(attribute_context::Request {
-                http: Some(attribute_context::HttpRequest {
-                    method: r.method.into(),
-                    path: r.path.into(),
-                    headers,
-                    ..Default::default()
-                }),
-                ..Default::default()
-            }),
-            ..Default::default()
-        }),
-    };
+    let request = check_request(r.method, r.path, r.all_headers());
     let response = client
         .clone()
         .check(request)
@@ -498,4 +485,39 @@ async fn explain_shows_each_step() {
         .expect("run explain");
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("broken.yaml"));
+}
+
+#[test]
+fn explain_says_when_the_path_matched_but_the_method_did_not() {
+    let config = concat!(env!("CARGO_MANIFEST_DIR"), "/config/connector-authz.yaml");
+    let explain = |method: &str| {
+        let out = Command::new(AUTHZ_BIN)
+            .args([
+                "explain", "--config", config, "--path", CODE, "--method", method,
+            ])
+            .output()
+            .expect("run explain");
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+        )
+    };
+    let (code, output) = explain("GET");
+    assert_eq!(code, Some(1), "{output}");
+    assert!(output.contains("decision: deny 403 no_route"), "{output}");
+    assert!(
+        output.contains("matches the path but takes only POST, not GET"),
+        "{output}"
+    );
+    // With the method it takes, the route is found and the token is what is missing.
+    let (_, output) = explain("POST");
+    assert!(
+        output.contains("decision: deny 401 missing_token"),
+        "{output}"
+    );
+    assert!(
+        output.contains(&format!("route: path {CODE} (POST)")),
+        "{output}"
+    );
+    assert!(output.contains("token: not read"), "{output}");
 }

@@ -5,19 +5,20 @@
 
 mod support;
 
-use std::collections::HashMap;
 use std::path::Path;
 use std::time::Duration;
 
 use connector_authz::config::Config;
 use connector_authz::dev::DevKey;
 use connector_authz::proto::envoy::service::auth::v3::{
-    AttributeContext, CheckRequest, attribute_context, authorization_client::AuthorizationClient,
-    check_response,
+    authorization_client::AuthorizationClient, check_response,
 };
 use connector_authz::serve::{self, Running};
 use serde_json::{Value, json};
-use support::{FakeIssuer, Mode, claims, finished_key_sets, now, test_key, within};
+use support::{
+    FakeIssuer, Mode, check_request, claims, finished_key_sets, instance_headers, now, test_key,
+    within,
+};
 use tonic::transport::Channel;
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
@@ -64,29 +65,7 @@ backends:
 
     /// `Ok` when allowed, else the deny reason from the response body.
     async fn check(&self, token: &str) -> Result<(), String> {
-        let headers = HashMap::from([
-            ("authorization".to_owned(), format!("Bearer {token}")),
-            ("x-gitlab-realm".to_owned(), "self-managed".to_owned()),
-            ("x-gitlab-authentication-type".to_owned(), "oidc".to_owned()),
-            (
-                "x-gitlab-instance-id".to_owned(),
-                "test-instance-id".to_owned(),
-            ),
-        ]);
-        let request = CheckRequest {
-            attributes: Some(AttributeContext {
-                request: Some(attribute_context::Request {
-                    http: Some(attribute_context::HttpRequest {
-                        method: "GET".into(),
-                        path: "/anything".into(),
-                        headers,
-                        ..Default::default()
-                    }),
-                    ..Default::default()
-                }),
-                ..Default::default()
-            }),
-        };
+        let request = check_request("GET", "/anything", instance_headers(token));
         let response = self
             .client
             .clone()
@@ -145,8 +124,8 @@ async fn a_rotated_key_works_on_first_use_with_one_fetch_for_many_requests() {
     assert_eq!(sidecar.check(&token(&issuer, &k1)).await, Ok(()));
 
     issuer.set_keys(&[&k1, &k2]);
-    // Past min_refresh_interval since the start-up fetch.
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // No wait: only unknown-kid refreshes count against min_refresh_interval, so the
+    // start-up fetch (finished before `serve::start` returned) leaves the refresh free.
     let before = issuer.jwks_fetch_count();
     let new_token = token(&issuer, &k2);
     let answers = futures_util::future::join_all((0..50).map(|_| sidecar.check(&new_token))).await;

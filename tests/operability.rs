@@ -20,12 +20,11 @@ use axum::routing::get;
 use connector_authz::config::Config;
 use connector_authz::dev::DevKey;
 use connector_authz::proto::envoy::service::auth::v3::{
-    AttributeContext, CheckRequest, attribute_context, authorization_client::AuthorizationClient,
-    check_response,
+    CheckRequest, authorization_client::AuthorizationClient, check_response,
 };
 use connector_authz::serve::{self, Running};
 use serde_json::{Value, json};
-use support::{FakeIssuer, claims, now, test_key, within};
+use support::{FakeIssuer, INSTANCE_HEADERS, check_request, claims, now, test_key, within};
 use tonic::transport::Channel;
 
 const AUTHZ_BIN: &str = env!("CARGO_BIN_EXE_connector-authz");
@@ -39,27 +38,6 @@ const DEPRECATED: &str = "analyze_ci_job_failure";
 
 /// A Check's answer: `Ok(())` allowed, `Err(reason)` denied.
 type Answer = Result<(), String>;
-
-fn check_request(path: &str, headers: &[(&str, &str)]) -> CheckRequest {
-    let headers: HashMap<String, String> = headers
-        .iter()
-        .map(|(k, v)| (k.to_string(), v.to_string()))
-        .collect();
-    CheckRequest {
-        attributes: Some(AttributeContext {
-            request: Some(attribute_context::Request {
-                http: Some(attribute_context::HttpRequest {
-                    method: "POST".into(),
-                    path: path.into(),
-                    headers,
-                    ..Default::default()
-                }),
-                ..Default::default()
-            }),
-            ..Default::default()
-        }),
-    }
-}
 
 /// One Check with the instance headers `support::claims` expects, plus `extra`.
 async fn check(
@@ -81,18 +59,14 @@ async fn try_check(
     extra: &[(&str, &str)],
 ) -> Result<Answer, tonic::Status> {
     let bearer = token.map(|t| format!("Bearer {t}"));
-    let mut headers = vec![
-        ("x-gitlab-realm", "self-managed"),
-        ("x-gitlab-instance-id", "test-instance-id"),
-        ("x-gitlab-authentication-type", "oidc"),
-    ];
+    let mut headers = INSTANCE_HEADERS.to_vec();
     if let Some(bearer) = &bearer {
         headers.push(("authorization", bearer));
     }
     headers.extend_from_slice(extra);
     let response = client
         .clone()
-        .check(check_request(path, &headers))
+        .check(check_request("POST", path, headers))
         .await?
         .into_inner();
     Ok(match response.http_response {
@@ -249,9 +223,9 @@ backends:
         .await,
         Ok(())
     );
-    // A new key: the unknown kid triggers one refresh, which succeeds.
+    // A new key: the unknown kid triggers one refresh, which succeeds (no wait needed:
+    // the start-up fetch does not count against min_refresh_interval).
     issuer.set_keys(&[&k1, &k2]);
-    tokio::time::sleep(Duration::from_millis(150)).await;
     let t2 = token_for(&k2, &iss, "svc", &[]);
     assert_eq!(check(&client, "/open/z", Some(&t2), &[]).await, Ok(()));
 
@@ -681,48 +655,56 @@ impl Drop for Sidecar {
     }
 }
 
-/// An OIDC issuer whose answers take `delay_ms` (set by the test) before they come.
-struct SlowIssuer {
+/// An OIDC issuer whose answers the test can hold back: while it is closed, every request
+/// waits (counted in `held`) until it opens again.
+struct GatedIssuer {
     url: String,
     jwks: Arc<std::sync::Mutex<Value>>,
-    delay_ms: Arc<AtomicU64>,
+    open: tokio::sync::watch::Sender<bool>,
+    held: Arc<AtomicU64>,
     server: tokio::task::JoinHandle<()>,
 }
 
 #[derive(Clone)]
-struct SlowState {
+struct GatedState {
     url: String,
     jwks: Arc<std::sync::Mutex<Value>>,
-    delay_ms: Arc<AtomicU64>,
+    open: tokio::sync::watch::Receiver<bool>,
+    held: Arc<AtomicU64>,
 }
 
-impl SlowIssuer {
-    async fn start(keys: &[&DevKey]) -> SlowIssuer {
+impl GatedIssuer {
+    async fn start(keys: &[&DevKey]) -> GatedIssuer {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind loopback");
         let url = format!("http://{}", listener.local_addr().expect("addr"));
-        let state = SlowState {
+        let (open, open_rx) = tokio::sync::watch::channel(true);
+        let state = GatedState {
             url: url.clone(),
             jwks: Arc::new(std::sync::Mutex::new(DevKey::key_set_json(keys))),
-            delay_ms: Arc::new(AtomicU64::new(0)),
+            open: open_rx,
+            held: Arc::new(AtomicU64::new(0)),
         };
-        async fn pause(state: &SlowState) {
-            let ms = state.delay_ms.load(Ordering::SeqCst);
-            tokio::time::sleep(Duration::from_millis(ms)).await;
+        async fn gate(state: &GatedState) {
+            let mut open = state.open.clone();
+            if !*open.borrow_and_update() {
+                state.held.fetch_add(1, Ordering::SeqCst);
+                let _ = open.wait_for(|open| *open).await;
+            }
         }
         let app = Router::new()
             .route(
                 "/.well-known/openid-configuration",
-                get(|State(s): State<SlowState>| async move {
-                    pause(&s).await;
+                get(|State(s): State<GatedState>| async move {
+                    gate(&s).await;
                     axum::Json(json!({"issuer": s.url, "jwks_uri": format!("{}/jwks", s.url)}))
                 }),
             )
             .route(
                 "/jwks",
-                get(|State(s): State<SlowState>| async move {
-                    pause(&s).await;
+                get(|State(s): State<GatedState>| async move {
+                    gate(&s).await;
                     let jwks = s.jwks.lock().unwrap().clone();
                     axum::Json(jwks)
                 }),
@@ -731,16 +713,17 @@ impl SlowIssuer {
         let server = tokio::spawn(async move {
             axum::serve(listener, app).await.ok();
         });
-        SlowIssuer {
+        GatedIssuer {
             url,
             jwks: state.jwks,
-            delay_ms: state.delay_ms,
+            open,
+            held: state.held,
             server,
         }
     }
 }
 
-impl Drop for SlowIssuer {
+impl Drop for GatedIssuer {
     fn drop(&mut self) {
         self.server.abort();
     }
@@ -749,7 +732,7 @@ impl Drop for SlowIssuer {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_turns_readiness_off_and_lets_a_check_in_flight_finish() {
     let (k1, k2) = (test_key(1), test_key(2));
-    let issuer = SlowIssuer::start(&[&k1]).await;
+    let issuer = GatedIssuer::start(&[&k1]).await;
     let dir = tempfile::tempdir().expect("temp dir");
     let config = dir.path().join("config.yaml");
     std::fs::write(
@@ -757,7 +740,7 @@ async fn sigterm_turns_readiness_off_and_lets_a_check_in_flight_finish() {
         format!(
             "listen: {{grpc: 127.0.0.1:0, admin: 127.0.0.1:0}}
 issuers: [{{url: {}}}]
-keys: {{min_refresh_interval: 1s, unknown_kid_wait: 2s, fetch_timeout: 5s}}
+keys: {{min_refresh_interval: 1s, unknown_kid_wait: 60s, fetch_timeout: 60s}}
 backends: [{{name: svc, audience: svc, routes: [{{prefix: /, require: []}}]}}]
 ",
             issuer.url
@@ -775,25 +758,38 @@ backends: [{{name: svc, audience: svc, routes: [{{prefix: /, require: []}}]}}]
     .await;
     assert!(ready, "never ready:\n{}", sidecar.text());
 
-    // A token under a new kid parks its Check on a refresh that takes 1.4 s (two GETs,
-    // discovery and key set, 700 ms each: within the 2 s `unknown_kid_wait` set above).
+    // A token under a new kid parks its Check on a refresh that the issuer holds back
+    // until the test opens it (well within the 60 s `unknown_kid_wait` set above).
     *issuer.jwks.lock().unwrap() = DevKey::key_set_json(&[&k1, &k2]);
-    issuer.delay_ms.store(700, Ordering::SeqCst);
-    tokio::time::sleep(Duration::from_millis(150)).await;
+    issuer.open.send_replace(false);
     let client = sidecar.client().await;
     let token = token_for(&k2, &issuer.url, "svc", &[]);
     let in_flight = tokio::spawn(async move { try_check(&client, "/x", Some(&token), &[]).await });
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    assert!(!in_flight.is_finished(), "the Check did not wait");
+    let refreshing = within(WAIT, async || issuer.held.load(Ordering::SeqCst) > 0).await;
+    assert!(
+        refreshing,
+        "the unknown kid started no refresh:\n{}",
+        sidecar.text()
+    );
+    assert!(
+        !in_flight.is_finished(),
+        "the Check did not wait for the refresh"
+    );
 
     sidecar.signal("TERM");
-    let draining = within(Duration::from_secs(1), async || {
+    let draining = within(WAIT, async || {
         reqwest::get(format!("http://{admin}/readyz"))
             .await
             .is_ok_and(|r| r.status() == 503)
     })
     .await;
     assert!(draining, "readiness stayed on:\n{}", sidecar.text());
+    assert!(
+        !in_flight.is_finished(),
+        "the Check ended before the issuer answered"
+    );
+    // The Check is still in flight after SIGTERM; now the refresh may finish.
+    issuer.open.send_replace(true);
     let answer = in_flight.await.expect("task");
     assert_eq!(answer.map_err(|s| s.to_string()), Ok(Ok(())));
     // `wait` gives up (None) after its deadline: the exit is awaited, not timed.

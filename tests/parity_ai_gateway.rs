@@ -19,7 +19,6 @@
 
 mod support;
 
-use std::collections::HashMap;
 use std::path::Path;
 
 use connector_authz::config::Config;
@@ -88,16 +87,11 @@ impl Sidecar {
     }
 
     async fn check(&self, path: &str, headers: &[(&str, &str)]) -> (u32, String) {
-        let headers: HashMap<String, String> = headers
-            .iter()
-            .map(|(k, v)| (k.to_ascii_lowercase(), v.to_string()))
-            .collect();
+        let headers = headers.iter().map(|(k, v)| (k.to_ascii_lowercase(), v));
         let response = self
             .client
             .clone()
-            .check(connector_authz::grpc::http_check_request(
-                "POST", path, headers,
-            ))
+            .check(support::check_request("POST", path, headers))
             .await
             .expect("Check is a successful RPC")
             .into_inner();

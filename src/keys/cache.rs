@@ -28,28 +28,28 @@ const MAX_HOST_CHARS: usize = 64;
 
 /// The cache directory of `keys.cache_dir`.
 #[derive(Clone, Debug)]
-pub struct KeyCache {
+pub(crate) struct KeyCache {
     dir: PathBuf,
 }
 
 impl KeyCache {
-    pub fn new(dir: impl Into<PathBuf>) -> Self {
+    pub(crate) fn new(dir: impl Into<PathBuf>) -> Self {
         Self { dir: dir.into() }
     }
 
-    pub fn dir(&self) -> &Path {
+    pub(crate) fn dir(&self) -> &Path {
         &self.dir
     }
 
     /// The cache file of one issuer (by its canonical name).
-    pub fn path_for(&self, issuer: &str) -> PathBuf {
+    pub(crate) fn path_for(&self, issuer: &str) -> PathBuf {
         self.dir.join(file_name(issuer))
     }
 
     /// The cached key set of `issuer` (source [`KeySource::Cache`]), or `None` when there
     /// is none. A file that cannot be read or is not a usable key set is logged and
     /// ignored: the network fetch that follows replaces it.
-    pub fn load(&self, issuer: &str, limits: &KeyLimits) -> Option<ParsedKeySet> {
+    pub(crate) fn load(&self, issuer: &str, limits: &KeyLimits) -> Option<ParsedKeySet> {
         let path = self.path_for(issuer);
         match read_key_file(&path, KeySource::Cache, limits) {
             Ok(parsed) => Some(parsed),
@@ -72,7 +72,7 @@ impl KeyCache {
     /// Writes `issuer`'s key set so that a reader sees either the old file or the whole
     /// new one, even across a crash: a temporary file in the same directory, fsync,
     /// rename over the old file, fsync of the directory (so the rename itself is durable).
-    pub fn store(&self, issuer: &str, jwks: &[u8]) -> io::Result<PathBuf> {
+    pub(crate) fn store(&self, issuer: &str, jwks: &[u8]) -> io::Result<PathBuf> {
         fs::create_dir_all(&self.dir)?;
         let path = self.path_for(issuer);
         let temp = self.temp_path(&path);

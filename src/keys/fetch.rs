@@ -89,7 +89,7 @@ pub enum FetchError {
 }
 
 /// The discovery URL for an issuer; an issuer URL with a trailing slash does not get two.
-pub fn discovery_url(issuer_url: &str) -> String {
+pub(crate) fn discovery_url(issuer_url: &str) -> String {
     format!(
         "{}/.well-known/openid-configuration",
         canonical_issuer(issuer_url)
@@ -157,13 +157,13 @@ async fn discover_jwks_uri(fetcher: &dyn Fetcher, issuer_url: &str) -> Result<St
 }
 
 /// Reads a `jwks_file` issuer's key set (source [`KeySource::File`]).
-pub fn load_key_file(path: &Path, limits: &KeyLimits) -> Result<ParsedKeySet, FetchError> {
+pub(crate) fn load_key_file(path: &Path, limits: &KeyLimits) -> Result<ParsedKeySet, FetchError> {
     read_key_file(path, KeySource::File, limits)
 }
 
 /// Reads a JWKS document from disk with the given source; the cache directory loader
 /// uses it with [`KeySource::Cache`].
-pub fn read_key_file(
+pub(crate) fn read_key_file(
     path: &Path,
     source: KeySource,
     limits: &KeyLimits,

@@ -3,10 +3,11 @@
 //! It owns one background task per network issuer (discovery → `jwks_uri` → key set on
 //! `keys.refresh_interval`, jittered), the unknown-`kid` refresh ([`KeyRefresher`]), the
 //! cache directory at start and after every good fetch, and the readiness signal. It does
-//! not parse or fetch (that is [`fetch`](super::fetch) and [`jwks`](super::jwks)) and it
-//! never makes a request wait on a lock: a fetch runs in its own task, builds its
-//! [`KeySet`] outside any lock, and swaps a whole new [`Snapshot`] in with
-//! [`ArcSwap::rcu`], replacing only that issuer's keys.
+//! not parse or fetch (that is [`fetch`](super::fetch) and [`jwks`](super::jwks)), it
+//! never makes a request wait on a lock, and it knows nothing of decisions: a fetch runs
+//! in its own task, builds its [`KeySet`] outside any lock, and hands a whole new
+//! [`KeySnapshot`] (only that issuer's keys replaced) to the [`KeyPublisher`] that the
+//! serving side owns.
 //!
 //! The rules, each kept by one place below:
 //! - A failed fetch never removes keys: the last good set stays until a good one replaces
@@ -21,8 +22,9 @@
 //! - Issuers are independent: each has its own task and flight, and every GET is bounded
 //!   by `fetch_timeout`, so a hanging issuer delays nobody else.
 //! - Cached keys only fill a gap at start; they never replace keys already held.
-//! - A reload ([`KeyManager::reconfigure`]) swaps the new configuration in together with
-//!   the keys of the issuers that remain; new issuers start their tasks, removed ones stop.
+//! - A reload ([`KeyManager::reconfigure`]) gives the serving side the keys for the new
+//!   configuration to swap in together with it (config reload itself is
+//!   `crate::reload`); new issuers start their tasks, removed ones stop.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -42,19 +44,18 @@ use super::fetch::{
     FetchError, FetchFuture, Fetcher, HttpFetcher, IssuerSource, fetch_key_set, load_key_file,
 };
 use super::jwks::{KeyLimits, ParsedKeySet};
-use super::{KeyRefresher, KeySet, KeySource, canonical_issuer};
+use super::{KeyRefresher, KeySet, KeySnapshot, KeySource, canonical_issuer};
 use crate::config::{Config, Issuer, KeySettings, KeysFrom};
-use crate::decide::Snapshot;
 
 /// The first retry after a failure waits about this long.
-pub const FIRST_RETRY: Duration = Duration::from_secs(1);
+pub(crate) const FIRST_RETRY: Duration = Duration::from_secs(1);
 /// Retries never wait longer than this (nor longer than `keys.refresh_interval`).
-pub const MAX_RETRY: Duration = Duration::from_secs(5 * 60);
+pub(crate) const MAX_RETRY: Duration = Duration::from_secs(5 * 60);
 
 /// The backoff step after `failures` consecutive failures (1, 2, …): [`FIRST_RETRY`]
 /// doubled per failure, capped at [`MAX_RETRY`] and at `refresh_interval`. The actual wait
 /// is this step shortened by up to 20 % at random.
-pub fn retry_step(failures: u32, refresh_interval: Duration) -> Duration {
+pub(crate) fn retry_step(failures: u32, refresh_interval: Duration) -> Duration {
     let cap = MAX_RETRY.min(refresh_interval);
     let doublings = failures.saturating_sub(1).min(30);
     FIRST_RETRY.saturating_mul(1 << doublings).min(cap)
@@ -68,16 +69,22 @@ fn scheduled_delay(refresh_interval: Duration) -> Duration {
     refresh_interval.mul_f64(rand::rng().random_range(0.9..=1.1))
 }
 
-/// The configured issuers that have no keys in `snapshot` (from the network, a file or the
-/// cache). The sidecar is ready when this is empty.
-pub fn missing_issuers(snapshot: &Snapshot) -> Vec<Arc<str>> {
-    snapshot
-        .config
-        .issuers
-        .iter()
-        .filter(|issuer| snapshot.keys.get(&issuer.name).is_none())
-        .map(|issuer| Arc::clone(&issuer.name))
-        .collect()
+/// Where key refresh puts the keys it loads: the seam between keeping keys fresh and
+/// deciding with them. The serving side owns the snapshot that requests are decided with
+/// and implements this (`crate::reload`); key refresh sees keys and issuer names only.
+pub(crate) trait KeyPublisher: Send + Sync {
+    /// The keys requests are decided with now.
+    fn keys(&self) -> Arc<KeySnapshot>;
+
+    /// Replaces the published keys with `update(current keys)` in one atomic step; `None`
+    /// leaves them as they are. `update` may run more than once when another change races
+    /// it. Keys of an issuer that the configuration in use does not name are never
+    /// published (a reload may have removed it while its fetch was running).
+    fn update_keys(&self, update: &mut dyn FnMut(&KeySnapshot) -> Option<KeySnapshot>);
+
+    /// The issuers the configuration in use names that have no keys (from the network, a
+    /// file or the cache). The sidecar is ready when this is empty.
+    fn missing_issuers(&self) -> Vec<Arc<str>>;
 }
 
 /// Fetch counters of one network issuer; `/metrics` reads them at each scrape.
@@ -118,26 +125,29 @@ impl std::fmt::Debug for KeyManager {
 impl KeyManager {
     /// [`KeyManager::start`] with the real HTTP client, bounded by `keys.fetch_timeout`
     /// and the default [`KeyLimits`].
-    pub fn start_http(snapshot: Arc<ArcSwap<Snapshot>>) -> Result<Arc<Self>, FetchError> {
+    pub(crate) fn start_http(
+        config: &Config,
+        publisher: Arc<dyn KeyPublisher>,
+    ) -> Result<Arc<Self>, FetchError> {
         let limits = KeyLimits::default();
         // Each GET is bounded by the configured `fetch_timeout` (which a reload may
         // change); the client's own timeout is only the ceiling the configuration allows.
         let fetcher =
             HttpFetcher::new(crate::config::MAX_FETCH_TIMEOUT, limits.max_document_bytes)?;
-        Ok(Self::start(snapshot, Arc::new(fetcher), limits))
+        Ok(Self::start(config, publisher, Arc::new(fetcher), limits))
     }
 
     /// Loads what is at hand at once (`jwks_file` issuers, then the cache directory for
     /// network issuers that have no keys yet), so that readiness is known when this
     /// returns, and spawns one refresh task per network issuer, whose first fetch starts
-    /// immediately. Reads issuers and settings from the snapshot's configuration.
-    /// Must be called within a Tokio runtime.
-    pub fn start(
-        snapshot: Arc<ArcSwap<Snapshot>>,
+    /// immediately. `config` is the configuration `publisher` serves now; its issuers and
+    /// `keys` settings apply. Must be called within a Tokio runtime.
+    pub(crate) fn start(
+        config: &Config,
+        publisher: Arc<dyn KeyPublisher>,
         fetcher: Arc<dyn Fetcher>,
         limits: KeyLimits,
     ) -> Arc<Self> {
-        let config = Arc::clone(&snapshot.load().config);
         let (stop, stopped) = watch::channel(false);
         let network: HashMap<_, _> = config
             .issuers
@@ -151,7 +161,7 @@ impl KeyManager {
             })
             .collect();
         let shared = Arc::new(Shared {
-            snapshot,
+            publisher,
             fetcher,
             limits,
             settings: ArcSwap::from_pointee(config.keys.clone()),
@@ -189,19 +199,25 @@ impl KeyManager {
         })
     }
 
-    /// Applies a reloaded configuration: swaps it into the snapshot together with the
-    /// keys of every issuer that remains (one `rcu`, so no request sees the new routes
-    /// without those keys), reads the `jwks_file`s again, fills new network issuers from
-    /// the cache directory, stops the refresh of issuers that are gone (their keys leave
-    /// the snapshot with them) and starts it for new ones, whose first fetch begins at
-    /// once. A network issuer whose `jwks_uri` changed is restarted but keeps its keys
-    /// until the new source answers. Key settings (`keys.*`) apply from now on.
-    pub async fn reconfigure(&self, config: Arc<Config>) {
+    /// Applies a reloaded configuration to key refresh. `swap` is the serving side's swap
+    /// of the configuration: it is called once, and must put `config` in together with
+    /// the keys that the function it is given makes of the keys it replaces, in one
+    /// atomic step, so that no request sees the new routes without their keys. Those keys
+    /// are the current keys of every issuer that remains, the `jwks_file`s read again, and
+    /// new network issuers filled from the cache directory; removed issuers' keys leave
+    /// with them. Then the refresh of issuers that are gone stops and starts for new ones,
+    /// whose first fetch begins at once. A network issuer whose `jwks_uri` changed is
+    /// restarted but keeps its keys until the new source answers. Key settings (`keys.*`)
+    /// apply from now on. Reloads apply one at a time.
+    pub(crate) async fn reconfigure(
+        &self,
+        config: &Config,
+        swap: impl FnOnce(&dyn Fn(&KeySnapshot) -> KeySnapshot),
+    ) {
         let _one_at_a_time = self.reconfiguring.lock().await;
         if self.shared.is_stopped() {
             return;
         }
-        self.shared.settings.store(Arc::new(config.keys.clone()));
         let old = self.shared.issuers.load_full();
         let mut next = HashMap::new();
         let mut started = Vec::new();
@@ -219,12 +235,6 @@ impl KeyManager {
                 }
             };
             next.insert(Arc::clone(&issuer.name), network);
-        }
-        for (name, issuer) in old.iter() {
-            if !next.get(name).is_some_and(|n| Arc::ptr_eq(n, issuer)) {
-                issuer.stop.send_replace(true);
-                tracing::info!(issuer = %name, "issuer removed or changed by the reload: its key refresh stops");
-            }
         }
 
         // Keys at hand for the new configuration, read before the swap.
@@ -245,7 +255,7 @@ impl KeyManager {
             }
         }
         let mut cached = Vec::new();
-        if let Some(cache) = self.shared.cache() {
+        if let Some(cache) = config.keys.cache_dir.as_ref().map(KeyCache::new) {
             for issuer in &started {
                 if let Some(parsed) = cache.load(&issuer.name, &self.shared.limits) {
                     log_skipped_keys(&issuer.name, &parsed);
@@ -254,11 +264,16 @@ impl KeyManager {
             }
         }
 
+        self.shared.settings.store(Arc::new(config.keys.clone()));
+        for (name, issuer) in old.iter() {
+            if !next.get(name).is_some_and(|n| Arc::ptr_eq(n, issuer)) {
+                issuer.stop.send_replace(true);
+                tracing::info!(issuer = %name, "issuer removed or changed by the reload: its key refresh stops");
+            }
+        }
         self.shared.issuers.store(Arc::new(next));
-        self.shared.snapshot.rcu(|current| {
-            let mut keys = current
-                .keys
-                .retain_issuers(|name| config.issuer(name).is_some());
+        swap(&|current: &KeySnapshot| {
+            let mut keys = current.retain_issuers(|name| config.issuer(name).is_some());
             for (name, set) in &files {
                 keys = keys.with_issuer(Arc::clone(name), Arc::clone(set));
             }
@@ -267,7 +282,7 @@ impl KeyManager {
                     keys = keys.with_issuer(Arc::clone(name), Arc::clone(set));
                 }
             }
-            Arc::new(Snapshot::new(Arc::clone(&config), Arc::new(keys)))
+            keys
         });
         self.shared.update_readiness();
 
@@ -285,7 +300,7 @@ impl KeyManager {
     /// finished (either way; a fetch is bounded by `keys.fetch_timeout` per GET). Serving
     /// can wait for this so that a sidecar that reaches its issuers is ready when it
     /// starts, while one with a warm cache does not wait for the network at all.
-    pub async fn initial_load(&self) {
+    pub(crate) async fn initial_load(&self) {
         let mut ready = self.ready();
         let first_fetches = self.first_fetches.iter().cloned().map(Flight);
         let all_finished = async {
@@ -301,11 +316,11 @@ impl KeyManager {
 
     /// The configured issuers without keys right now (empty: ready).
     pub fn missing_issuers(&self) -> Vec<Arc<str>> {
-        missing_issuers(&self.shared.snapshot.load())
+        self.shared.publisher.missing_issuers()
     }
 
     /// `true` while every configured issuer has keys; changes when that does.
-    pub fn ready(&self) -> watch::Receiver<bool> {
+    pub(crate) fn ready(&self) -> watch::Receiver<bool> {
         self.shared.ready.subscribe()
     }
 
@@ -317,7 +332,7 @@ impl KeyManager {
     }
 
     /// The fetch counters of every network issuer configured now.
-    pub fn all_fetch_stats(&self) -> Vec<(Arc<str>, FetchStats)> {
+    pub(crate) fn all_fetch_stats(&self) -> Vec<(Arc<str>, FetchStats)> {
         let issuers = self.shared.issuers.load();
         issuers
             .iter()
@@ -326,7 +341,7 @@ impl KeyManager {
     }
 
     /// Stops the refresh tasks and waits for them; a fetch in progress is abandoned.
-    pub async fn shutdown(&self) {
+    pub(crate) async fn shutdown(&self) {
         self.stop.send_replace(true);
         let tasks = std::mem::take(&mut *lock(&self.tasks));
         for task in tasks {
@@ -358,7 +373,7 @@ impl KeyRefresher for KeyManager {
 }
 
 struct Shared {
-    snapshot: Arc<ArcSwap<Snapshot>>,
+    publisher: Arc<dyn KeyPublisher>,
     fetcher: Arc<dyn Fetcher>,
     limits: KeyLimits,
     /// The configuration's `keys` settings; a reload replaces them.
@@ -574,22 +589,15 @@ impl Shared {
         }
     }
 
-    /// Swaps in a snapshot with `issuer`'s keys replaced, keeping the current
-    /// configuration and every other issuer's keys. Cached keys never replace keys
-    /// already held, and an issuer no longer configured gets none. Returns whether the
-    /// keys went in.
+    /// Publishes `issuer`'s keys, keeping every other issuer's. Cached keys never replace
+    /// keys already held (and the publisher drops those of an issuer no longer
+    /// configured). Returns whether the keys were offered.
     fn install(&self, issuer: &Arc<str>, keys: Arc<KeySet>) -> bool {
         let mut installed = false;
-        self.snapshot.rcu(|current| {
-            let stale = keys.source == KeySource::Cache && current.keys.get(issuer).is_some();
-            installed = !stale && current.config.issuer(issuer).is_some();
-            if !installed {
-                return Arc::clone(current);
-            }
-            let keys = current
-                .keys
-                .with_issuer(Arc::clone(issuer), Arc::clone(&keys));
-            Arc::new(Snapshot::new(Arc::clone(&current.config), Arc::new(keys)))
+        self.publisher.update_keys(&mut |current| {
+            let stale = keys.source == KeySource::Cache && current.get(issuer).is_some();
+            installed = !stale;
+            installed.then(|| current.with_issuer(Arc::clone(issuer), Arc::clone(&keys)))
         });
         installed
     }
@@ -599,7 +607,7 @@ impl Shared {
         // Computed under the channel's lock, so two issuers finishing together cannot
         // publish their answers in the wrong order.
         let changed = self.ready.send_if_modified(|ready| {
-            now_ready = missing_issuers(&self.snapshot.load()).is_empty();
+            now_ready = self.publisher.missing_issuers().is_empty();
             std::mem::replace(ready, now_ready) != now_ready
         });
         if changed && now_ready {
@@ -647,7 +655,7 @@ impl Shared {
         if was == Health::Failing {
             // Once per state change at warn; each further attempt only at debug.
             tracing::debug!(issuer = %issuer.name, %error, failures, %retry_in, "key fetch failed again");
-        } else if self.snapshot.load().keys.get(&issuer.name).is_some() {
+        } else if self.publisher.keys().get(&issuer.name).is_some() {
             tracing::warn!(
                 issuer = %issuer.name,
                 %error,

@@ -7,6 +7,7 @@ pub mod issuer;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use connector_authz::dev::DevKey;
+use connector_authz::proto::envoy::service::auth::v3::CheckRequest;
 use serde_json::{Value, json};
 
 pub use issuer::{FakeIssuer, Mode};
@@ -88,4 +89,36 @@ pub fn finished_key_sets(dir: &std::path::Path) -> usize {
             .filter(|e| e.file_name().to_string_lossy().ends_with(".jwks.json"))
             .count()
     })
+}
+
+/// The headers a GitLab instance sends with its token (they match what [`claims`] puts in
+/// the token), without the `authorization` header.
+pub const INSTANCE_HEADERS: [(&str, &str); 3] = [
+    ("x-gitlab-realm", "self-managed"),
+    ("x-gitlab-instance-id", "test-instance-id"),
+    ("x-gitlab-authentication-type", "oidc"),
+];
+
+/// [`INSTANCE_HEADERS`] with `authorization: Bearer <token>`.
+pub fn instance_headers(token: &str) -> Vec<(String, String)> {
+    let mut headers: Vec<(String, String)> = INSTANCE_HEADERS
+        .iter()
+        .map(|(name, value)| (name.to_string(), value.to_string()))
+        .collect();
+    headers.push(("authorization".into(), format!("Bearer {token}")));
+    headers
+}
+
+/// The CheckRequest Envoy sends for one HTTP request, with `headers` in the `headers` map
+/// as given (Envoy sends their names in lower case).
+pub fn check_request<K: AsRef<str>, V: AsRef<str>>(
+    method: &str,
+    path: &str,
+    headers: impl IntoIterator<Item = (K, V)>,
+) -> CheckRequest {
+    let headers = headers
+        .into_iter()
+        .map(|(name, value)| (name.as_ref().to_owned(), value.as_ref().to_owned()))
+        .collect();
+    connector_authz::grpc::http_check_request(method, path, headers)
 }

@@ -9,6 +9,7 @@
 //! (after routing) into an allow that carries it.
 
 use std::borrow::Cow;
+use std::cell::RefCell;
 use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -24,7 +25,7 @@ use crate::decision::{
 use crate::keys::{KeySnapshot, canonical_issuer};
 use crate::registry::{GitlabVersion, UnitPrimitive};
 use crate::route::{Access, normalize_path};
-use crate::token::{self, Claims};
+use crate::token::{self, Claims, JoseHeader};
 use crate::token_cache::{TokenCache, VerifiedToken};
 use crate::verify;
 
@@ -47,6 +48,60 @@ pub fn decide(snapshot: &Snapshot, req: &Request<'_>, now: SystemTime) -> Decisi
     decide_cached(snapshot, req, now, TokenCache::disabled())
 }
 
+/// What [`decide`] looked at on its way to a decision, filled by [`decide_traced`] as
+/// the checks run: `explain` prints this, so it describes the decision that was made and
+/// never a second walk of the pipeline. A field is `None` when the decision was made
+/// before that step (or the step did not apply).
+#[derive(Clone, Debug, Default)]
+pub struct Trace {
+    /// The path once decoded and normalized.
+    pub path: Option<String>,
+    /// The token's decoded JOSE header.
+    pub header: Option<JoseHeader>,
+    /// The token's claims as read (before the signature is checked, so that a denial
+    /// can show what the token said).
+    pub claims: Option<Claims>,
+    /// The configured issuer the token named.
+    pub issuer: Option<Arc<str>>,
+    /// The key lookup and signature check against that issuer's current keys: the
+    /// fingerprint of the key that verified it, or why none did.
+    pub key: Option<Result<u64, DenyReason>>,
+    /// The unit primitive check, when the decision reached it.
+    pub scopes: Option<ScopeTrace>,
+}
+
+/// The unit primitives a route needed and the token held, as [`decide`] compared them.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ScopeTrace {
+    /// Every one of these must be held: the route's `require`, and the unit primitive
+    /// named by the request's header on routes that read one.
+    pub needed: Vec<String>,
+    /// At least one of these must be held (the route's `require_any`; empty if none).
+    pub any_of: Vec<String>,
+    /// The token's `scopes`.
+    pub held: Vec<String>,
+    /// What the token lacks: the needed ones it does not hold, and all of `any_of` when
+    /// it holds none of them.
+    pub missing: Vec<String>,
+}
+
+/// [`decide`], recording each step it took in a [`Trace`]. The decision is [`decide`]'s.
+pub fn decide_traced(snapshot: &Snapshot, req: &Request<'_>, now: SystemTime) -> (Decision, Trace) {
+    let trace = RefCell::new(Trace::default());
+    let decision = match run(
+        snapshot,
+        req,
+        now,
+        TokenCache::disabled(),
+        Some(&trace),
+        verify_here,
+    ) {
+        Ok(decision) => decision,
+        Err(never) => match never {},
+    };
+    (decision, trace.into_inner())
+}
+
 /// Decides, reusing the verification of a token that `cache` holds (and adding a newly
 /// verified one to it). The decision is the same as [`decide`]'s: a hit only skips parsing
 /// and the signature, and only while the key that verified it is still the issuer's.
@@ -56,21 +111,28 @@ pub fn decide_cached(
     now: SystemTime,
     cache: &TokenCache,
 ) -> Decision {
-    let obtain = |check: &TokenCheck<'_>, raw: &str, leeway: i64| {
-        Ok::<_, Infallible>(
-            match check
-                .cache
-                .get(raw, check.config, &check.snapshot.keys, check.now)
-            {
-                Some(verified) => Ok(verified),
-                None => check.verify_signature(raw, leeway),
-            },
-        )
-    };
-    match decide_inner(snapshot, req, now, cache, obtain) {
+    match run(snapshot, req, now, cache, None, verify_here) {
         Ok(decision) => decision,
         Err(never) => match never {},
     }
+}
+
+/// The signature stage as [`decide`] runs it: a token `check`'s cache holds, else its
+/// signature verified with the snapshot's keys.
+fn verify_here(
+    check: &TokenCheck<'_>,
+    raw: &str,
+    leeway: i64,
+) -> Result<Result<Arc<VerifiedToken>, Denied>, Infallible> {
+    Ok(
+        match check
+            .cache
+            .get(raw, check.config, &check.snapshot.keys, check.now)
+        {
+            Some(verified) => Ok(verified),
+            None => check.verify_signature(raw, leeway),
+        },
+    )
 }
 
 /// Where [`decide_verified`] gets the verification of a bearer token from, when the
@@ -107,7 +169,7 @@ pub fn decide_verified(
     tokens: &dyn VerifiedTokens,
 ) -> Outcome {
     let obtain = |_: &TokenCheck<'_>, raw: &str, _: i64| tokens.lookup(raw).ok_or(());
-    match decide_inner(snapshot, req, now, TokenCache::disabled(), obtain) {
+    match run(snapshot, req, now, TokenCache::disabled(), None, obtain) {
         Ok(decision) => Outcome::Decided(decision),
         Err(()) => Outcome::NeedsVerification,
     }
@@ -133,17 +195,19 @@ pub fn verify_token(
         config: &snapshot.config,
         now: unix_seconds(now),
         cache: TokenCache::disabled(),
+        trace: None,
     }
     .verify_signature(raw, leeway)
 }
 
-/// [`decide_cached`] with the signature stage supplied by `obtain`, which may give up
+/// The decision, with the signature stage supplied by `obtain`, which may give up
 /// (`Err(P)`: the decision cannot be made yet).
-fn decide_inner<P>(
+fn run<P>(
     snapshot: &Snapshot,
     req: &Request<'_>,
     now: SystemTime,
     cache: &TokenCache,
+    trace: Option<&RefCell<Trace>>,
     obtain: impl FnOnce(&TokenCheck<'_>, &str, i64) -> Result<Result<Arc<VerifiedToken>, Denied>, P>,
 ) -> Result<Decision, P> {
     let config = &*snapshot.config;
@@ -151,6 +215,9 @@ fn decide_inner<P>(
         Ok(path) => path,
         Err(e) => return Ok(Decision::deny(DenyReason::BadPath, e.message())),
     };
+    if let Some(trace) = trace {
+        trace.borrow_mut().path = Some(path.to_string());
+    }
     let Some(route_index) = config.routes.find_index(&path, req.method) else {
         return Ok(Decision::deny(
             DenyReason::NoRoute,
@@ -188,6 +255,7 @@ fn decide_inner<P>(
         backend,
         now: unix_seconds(now),
         cache,
+        trace,
     };
     Ok(match check.run(&access, obtain)? {
         Ok(mut identity) => {
@@ -274,9 +342,18 @@ struct TokenCheck<'a> {
     backend: &'a Backend,
     now: i64,
     cache: &'a TokenCache,
+    /// Where `decide_traced` records the steps; `None` on the request path.
+    trace: Option<&'a RefCell<Trace>>,
 }
 
 impl TokenCheck<'_> {
+    /// Records a step when tracing (`explain`); nothing otherwise.
+    fn note(&self, step: impl FnOnce(&mut Trace)) {
+        if let Some(trace) = self.trace {
+            step(&mut trace.borrow_mut());
+        }
+    }
+
     /// The token checks; `obtain` gives the verified token (or the signature stage's
     /// denial), or gives up with `Err(P)`.
     fn run<P>(
@@ -294,6 +371,11 @@ impl TokenCheck<'_> {
             Ok(verified) => verified,
             Err(d) => return Ok(Err(d)),
         };
+        self.note(|t| {
+            if t.claims.is_none() {
+                t.claims = Some(verified.claims.clone());
+            }
+        });
         Ok(self
             .check_verified(raw, &verified, needs, leeway)
             .map_err(|mut d| {
@@ -308,6 +390,7 @@ impl TokenCheck<'_> {
             config: self.config,
             now: self.now,
             cache: self.cache,
+            trace: self.trace,
         }
         .verify_signature(raw, leeway)
     }
@@ -345,6 +428,7 @@ impl TokenCheck<'_> {
             ));
         }
         let holds = |up: &str| scopes.iter().any(|s| s == up);
+        self.note(|t| t.scopes = Some(self.scope_trace(needs, scopes)));
         if let Some(missing) = needs.require.iter().find(|up| !holds(up)) {
             return Err(denied(
                 DenyReason::InsufficientScope,
@@ -417,15 +501,27 @@ struct SignatureCheck<'a> {
     config: &'a Config,
     now: i64,
     cache: &'a TokenCache,
+    trace: Option<&'a RefCell<Trace>>,
 }
 
 impl SignatureCheck<'_> {
+    /// Records a step when tracing (`explain`); nothing otherwise.
+    fn note(&self, step: impl FnOnce(&mut Trace)) {
+        if let Some(trace) = self.trace {
+            step(&mut trace.borrow_mut());
+        }
+    }
+
     /// The checks a cache hit skips, in the table's order: the token's structure, its
     /// algorithm, its issuer, that issuer's keys and the signature. A token that passes
     /// them, and is not expired, goes into the cache.
     fn verify_signature(&self, raw: &str, leeway: i64) -> Result<Arc<VerifiedToken>, Denied> {
         let settings = &self.config.tokens;
         let token = token::split(raw).map_err(|e| denied(e.reason, e.message))?;
+        self.note(|t| {
+            t.header = Some(token.header.clone());
+            t.claims = token.claims().ok();
+        });
         let alg = parse_algorithm(&token.header.alg)
             .ok()
             .filter(|alg| settings.algorithms.contains(alg))
@@ -479,13 +575,16 @@ impl SignatureCheck<'_> {
                 "the token's issuer is not trusted by this service",
             )
         })?;
+        self.note(|t| t.issuer = Some(issuer.name.clone()));
         let keys = self.snapshot.keys.get(&issuer.name).ok_or_else(|| {
             denied(
                 DenyReason::KeysUnavailable,
                 "the keys of the token's issuer are not loaded yet; retry shortly",
             )
         })?;
-        let key = verify::signature(token, alg, keys).map_err(|e| {
+        let key = verify::signature(token, alg, keys);
+        self.note(|t| t.key = Some(key.as_ref().map(|k| k.fingerprint).map_err(|e| e.reason)));
+        let key = key.map_err(|e| {
             let mut d = denied(e.reason, e.message);
             if e.reason == DenyReason::UnknownKey {
                 d.refresh_issuer = Some(issuer.name.clone());
@@ -497,6 +596,29 @@ impl SignatureCheck<'_> {
 }
 
 impl TokenCheck<'_> {
+    /// The unit primitives `needs` asks of a token that holds `scopes`, for the trace.
+    fn scope_trace(&self, needs: &RouteNeeds<'_>, scopes: &[String]) -> ScopeTrace {
+        let holds = |up: &str| scopes.iter().any(|s| s == up);
+        let mut needed: Vec<String> = needs.require.iter().map(|up| up.to_string()).collect();
+        if let Some(header) = needs.unit_primitive_header
+            && let Some(named) = self.req.headers.get(header).one().map(str::trim)
+            && !named.is_empty()
+        {
+            needed.push(named.to_string());
+        }
+        let any_of: Vec<String> = needs.require_any.iter().map(|up| up.to_string()).collect();
+        let mut missing: Vec<String> = needed.iter().filter(|up| !holds(up)).cloned().collect();
+        if !any_of.iter().any(|up| holds(up)) {
+            missing.extend(any_of.iter().cloned());
+        }
+        ScopeTrace {
+            needed,
+            any_of,
+            held: scopes.to_vec(),
+            missing,
+        }
+    }
+
     /// The instance headers must agree with the claims that are set (as the AI gateway
     /// checks them: a null or empty claim is not set); a missing header then counts as a
     /// mismatch. `x-gitlab-authentication-type: oidc` is always required.

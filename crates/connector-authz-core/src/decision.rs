@@ -284,6 +284,15 @@ impl Decision {
     pub fn is_allow(&self) -> bool {
         matches!(self, Decision::Allow(_))
     }
+
+    /// The index of the route that decided, in the configuration's route table; `None`
+    /// when the decision came before routing (a bad path, no route).
+    pub fn route(&self) -> Option<usize> {
+        match self {
+            Decision::Allow(a) => a.route,
+            Decision::Deny(d) => d.route,
+        }
+    }
 }
 
 /// Whether a claim's value may be copied into an upstream header as it is. A control

@@ -15,11 +15,13 @@ use tokio::time::{Instant, sleep};
 
 use super::*;
 use crate::config::Config;
+use crate::decide::Snapshot;
 use crate::decision::DenyReason;
 use crate::dev::DevKey;
-use crate::grpc::{AuthzService, to_request};
+use crate::grpc::{AuthzService, http_check_request, to_request};
 use crate::keys::jwks::parse_key_set;
-use crate::proto::envoy::service::auth::v3::{AttributeContext, CheckRequest, attribute_context};
+use crate::proto::envoy::service::auth::v3::CheckRequest;
+use crate::reload::swap_config;
 
 /// A discovery issuer and a `jwks_uri` issuer; the fake serves keys at `{url}/keys`.
 const A: &str = "https://a.test";
@@ -75,24 +77,11 @@ fn forged(iss: &str, kid: &str) -> String {
 }
 
 fn mk_check(token: &str) -> CheckRequest {
-    let http = attribute_context::HttpRequest {
-        method: "GET".into(),
-        path: "/x".into(),
-        headers: HashMap::from([
-            ("authorization".to_owned(), format!("Bearer {token}")),
-            ("x-gitlab-authentication-type".to_owned(), "oidc".to_owned()),
-        ]),
-        ..Default::default()
-    };
-    CheckRequest {
-        attributes: Some(AttributeContext {
-            request: Some(attribute_context::Request {
-                http: Some(http),
-                ..Default::default()
-            }),
-            ..Default::default()
-        }),
-    }
+    let headers = HashMap::from([
+        ("authorization".to_owned(), format!("Bearer {token}")),
+        ("x-gitlab-authentication-type".to_owned(), "oidc".to_owned()),
+    ]);
+    http_check_request("GET", "/x", headers)
 }
 
 /// How the fake answers an issuer's URLs.
@@ -218,12 +207,14 @@ struct Harness {
 impl Harness {
     /// Starts a manager on `config`; the fake must already publish what it should serve.
     fn start(config: Config, fetcher: Arc<FakeFetcher>) -> Self {
+        let config = Arc::new(config);
         let snapshot = Arc::new(ArcSwap::from_pointee(Snapshot::new(
-            Arc::new(config),
+            Arc::clone(&config),
             Arc::default(),
         )));
         let manager = KeyManager::start(
-            Arc::clone(&snapshot),
+            &config,
+            Arc::clone(&snapshot) as Arc<dyn KeyPublisher>,
             Arc::clone(&fetcher) as Arc<dyn Fetcher>,
             KeyLimits::default(),
         );
@@ -235,6 +226,11 @@ impl Harness {
             manager,
             service,
         }
+    }
+
+    /// Swaps `config` in as a reload does.
+    async fn reconfigure(&self, config: Config) {
+        swap_config(&self.snapshot, &self.manager, Arc::new(config)).await;
     }
 
     /// What the sidecar answers a request with this token, unknown-kid refresh included.
@@ -715,7 +711,7 @@ async fn reconfigure_starts_new_issuers_stops_removed_ones_and_keeps_the_keys_of
 
     // B joins: its first fetch starts at once; A keeps the very same key set.
     let both = format!("{A_YAML}{B_YAML}");
-    h.manager.reconfigure(Arc::new(config(&both, None))).await;
+    h.reconfigure(config(&both, None)).await;
     settle().await;
     assert!(Arc::ptr_eq(&h.keys(A).expect("A kept"), &a_keys));
     assert_eq!(h.fetcher.fetches(A).len(), 1, "A was not fetched again");
@@ -724,7 +720,7 @@ async fn reconfigure_starts_new_issuers_stops_removed_ones_and_keeps_the_keys_of
     assert!(h.ready());
 
     // A leaves: its keys leave the snapshot and its schedule stops; B's goes on.
-    h.manager.reconfigure(Arc::new(config(B_YAML, None))).await;
+    h.reconfigure(config(B_YAML, None)).await;
     assert!(h.keys(A).is_none());
     assert!(h.manager.fetch_stats(A).is_none());
     assert_eq!(h.ask(&token(A, &ka)).await, Some(DenyReason::UnknownIssuer));

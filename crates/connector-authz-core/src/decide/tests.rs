@@ -89,9 +89,9 @@ fn change(mut v: Value, changes: Value) -> Value {
 /// Decides a POST to `path` with the headers a GitLab instance sends, overridden by `extra`
 /// (an empty value removes the header).
 ///
-/// Every case is decided three times, without a token cache, with a cold one and with
-/// the same one warm, and the three decisions must be equal: a cache hit never changes
-/// a decision.
+/// Every case is decided four times, without a token cache, with a cold one, with the
+/// same one warm, and traced (as `explain` does), and the decisions must be equal: a cache
+/// hit or a trace never changes a decision.
 fn decide_with(path: &str, token: Option<&str>, extra: &[(&str, &str)]) -> Decision {
     let snapshot = snapshot();
     let now = UNIX_EPOCH + Duration::from_secs(NOW);
@@ -101,6 +101,8 @@ fn decide_with(path: &str, token: Option<&str>, extra: &[(&str, &str)]) -> Decis
     let warm = decide_in(&snapshot, &cache, now, path, token, extra);
     assert_eq!(cold, uncached, "a cold cache changed the decision");
     assert_eq!(warm, uncached, "a warm cache changed the decision");
+    let (traced, _) = trace_in(&snapshot, now, path, token, extra);
+    assert_eq!(traced, uncached, "tracing changed the decision");
     let seam = decide_through_seam(&snapshot, now, path, token, extra);
     assert_eq!(
         seam, uncached,
@@ -130,8 +132,8 @@ impl VerifiedTokens for NothingVerified {
 }
 
 /// Decides as the filter does: with nothing verified first; on `NeedsVerification`, the
-/// token is verified with [`verify_token`] (against a snapshot without the config's help:
-/// only keys) and the request decided again with that outcome.
+/// token is verified with [`verify_token`] (where the keys are) and the request decided
+/// again, without keys, with that outcome.
 fn decide_through_seam(
     snapshot: &Snapshot,
     now: SystemTime,
@@ -139,36 +141,56 @@ fn decide_through_seam(
     token: Option<&str>,
     extra: &[(&str, &str)],
 ) -> Decision {
-    let decide = |tokens: &dyn VerifiedTokens| {
-        let headers = request_headers(token, extra);
-        let req = Request {
-            method: "POST",
-            path,
-            headers: &headers,
-        };
-        // The filter holds no keys: the seam must not need them.
-        let keyless = Snapshot::new(Arc::clone(&snapshot.config), Arc::default());
-        decide_verified(&keyless, &req, now, tokens)
-    };
-    match decide(&NothingVerified) {
-        Outcome::Decided(decision) => decision,
-        Outcome::NeedsVerification => {
-            let headers = request_headers(token, extra);
-            let raw = crate::token::bearer(&headers, snapshot.config.tokens.max_bytes)
-                .expect("the seam asks only for a token that is present and within max_bytes");
-            let verified = VerifiedElsewhere {
-                raw: raw.to_string(),
-                outcome: verify_token(snapshot, raw, now),
-            };
-            match decide(&verified) {
-                Outcome::Decided(decision) => decision,
-                Outcome::NeedsVerification => panic!("asked twice to verify the same token"),
+    // The filter holds no keys: the seam must not need them.
+    let keyless = Snapshot::new(Arc::clone(&snapshot.config), Arc::default());
+    with_request(path, token, extra, |req| {
+        match decide_verified(&keyless, req, now, &NothingVerified) {
+            Outcome::Decided(decision) => decision,
+            Outcome::NeedsVerification => {
+                let raw = crate::token::bearer(req.headers, snapshot.config.tokens.max_bytes)
+                    .expect("the seam asks only for a token that is present and within max_bytes");
+                let verified = VerifiedElsewhere {
+                    raw: raw.to_string(),
+                    outcome: verify_token(snapshot, raw, now),
+                };
+                match decide_verified(&keyless, req, now, &verified) {
+                    Outcome::Decided(decision) => decision,
+                    Outcome::NeedsVerification => panic!("asked twice to verify the same token"),
+                }
             }
         }
-    }
+    })
 }
 
-fn request_headers(token: Option<&str>, extra: &[(&str, &str)]) -> Vec<(String, String)> {
+fn decide_in(
+    snapshot: &Snapshot,
+    cache: &TokenCache,
+    now: SystemTime,
+    path: &str,
+    token: Option<&str>,
+    extra: &[(&str, &str)],
+) -> Decision {
+    with_request(path, token, extra, |req| {
+        decide_cached(snapshot, req, now, cache)
+    })
+}
+
+fn trace_in(
+    snapshot: &Snapshot,
+    now: SystemTime,
+    path: &str,
+    token: Option<&str>,
+    extra: &[(&str, &str)],
+) -> (Decision, Trace) {
+    with_request(path, token, extra, |req| decide_traced(snapshot, req, now))
+}
+
+fn with_request<R>(
+    path: &str,
+    token: Option<&str>,
+    extra: &[(&str, &str)],
+    decide: impl FnOnce(&Request<'_>) -> R,
+) -> R {
     let mut headers: Vec<(String, String)> = vec![
         ("x-gitlab-realm".into(), "self-managed".into()),
         ("x-gitlab-instance-id".into(), INSTANCE.into()),
@@ -184,24 +206,12 @@ fn request_headers(token: Option<&str>, extra: &[(&str, &str)]) -> Vec<(String, 
             headers.push((k.to_string(), v.to_string()));
         }
     }
-    headers
-}
-
-fn decide_in(
-    snapshot: &Snapshot,
-    cache: &TokenCache,
-    now: SystemTime,
-    path: &str,
-    token: Option<&str>,
-    extra: &[(&str, &str)],
-) -> Decision {
-    let headers = request_headers(token, extra);
     let req = Request {
         method: "POST",
         path,
         headers: &headers,
     };
-    decide_cached(snapshot, &req, now, cache)
+    decide(&req)
 }
 
 fn reason(d: &Decision) -> &'static str {
@@ -949,4 +959,83 @@ fn a_clock_before_1970_is_negative_unix_seconds() {
     };
     assert_eq!(decide_at(UNIX_EPOCH - Duration::from_secs(150)), "allow");
     assert_eq!(decide_at(UNIX_EPOCH + Duration::from_secs(150)), "expired");
+}
+
+#[test]
+fn a_trace_records_each_step_up_to_the_one_that_decided() {
+    let snapshot = snapshot();
+    let now = UNIX_EPOCH + Duration::from_secs(NOW);
+    let trace = |path: &str, token: Option<&str>, extra: &[(&str, &str)]| {
+        trace_in(&snapshot, now, path, token, extra)
+    };
+
+    // A refused path: nothing after it.
+    let (d, t) = trace("/ai/v2/code/%2e%2e%2f", None, &[]);
+    assert_eq!(reason(&d), "bad_path");
+    assert!(t.path.is_none() && t.header.is_none());
+
+    // No token: the path, then nothing.
+    let (d, t) = trace("/ai/v2//code/./completions", None, &[]);
+    assert_eq!(reason(&d), "missing_token");
+    assert_eq!(t.path.as_deref(), Some("/ai/v2/code/completions"));
+    assert!(t.header.is_none() && t.claims.is_none() && t.scopes.is_none());
+
+    // A token without the route's unit primitive: every step, and the comparison.
+    let lacking = key(1).sign(&change(claims(), json!({"scopes": ["duo_chat"]})));
+    let (d, t) = trace("/ai/v2/code/completions", Some(&lacking), &[]);
+    assert_eq!(reason(&d), "insufficient_scope");
+    assert_eq!(
+        t.header.as_ref().map(|h| h.kid.as_deref()),
+        Some(Some("k1"))
+    );
+    assert_eq!(t.claims.as_ref().and_then(|c| c.iss.as_deref()), Some(ISS));
+    assert_eq!(t.issuer.as_deref(), Some(ISS));
+    assert!(matches!(t.key, Some(Ok(_))), "{:?}", t.key);
+    assert_eq!(
+        t.scopes,
+        Some(ScopeTrace {
+            needed: vec!["complete_code".into()],
+            any_of: vec![],
+            held: vec!["duo_chat".into()],
+            missing: vec!["complete_code".into()],
+        })
+    );
+
+    // Signed by another key under the same kid: the key lookup says why, no scopes.
+    let forged = DevKey::from_pkcs8_pem(
+        include_str!("../../../../tests/fixtures/keys/test-rsa-2048-2.pem"),
+        "k1",
+    )
+    .unwrap()
+    .sign(&claims());
+    let (d, t) = trace("/ai/v2/code/completions", Some(&forged), &[]);
+    assert_eq!(reason(&d), "bad_signature");
+    assert_eq!(t.key, Some(Err(DenyReason::BadSignature)));
+    assert!(t.scopes.is_none());
+
+    // An unknown kid, and an issuer without keys.
+    let unknown = DevKey::from_pkcs8_pem(
+        include_str!("../../../../tests/fixtures/keys/test-rsa-2048-2.pem"),
+        "k9",
+    )
+    .unwrap()
+    .sign(&claims());
+    let (_, t) = trace("/ai/v2/code/completions", Some(&unknown), &[]);
+    assert_eq!(t.key, Some(Err(DenyReason::UnknownKey)));
+    let saas = key(1).sign(&change(claims(), json!({"iss": "https://gitlab.com"})));
+    let (d, t) = trace("/ai/v2/code/completions", Some(&saas), &[]);
+    assert_eq!(reason(&d), "keys_unavailable");
+    assert_eq!(t.issuer.as_deref(), Some("https://gitlab.com"));
+    assert!(t.key.is_none());
+
+    // The unit primitive a header names is part of what was needed.
+    let (d, t) = trace(
+        "/ai/v1/proxy/x",
+        Some(&key(1).sign(&claims())),
+        &[("x-gitlab-unit-primitive", "explain_vulnerability")],
+    );
+    assert_eq!(reason(&d), "allow");
+    let scopes = t.scopes.expect("compared");
+    assert_eq!(scopes.needed, ["explain_vulnerability"]);
+    assert!(scopes.missing.is_empty());
 }

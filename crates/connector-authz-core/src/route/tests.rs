@@ -352,3 +352,24 @@ fn prefix_lookup_respects_utf8_boundaries() {
     assert!(t.find("/é", "GET").is_none());
     assert!(t.find("/abc", "GET").is_some());
 }
+
+/// The fast path: a path that needs no work is recognized as such. (A wrong `false` only
+/// costs the slow path, which gives the same answer, so only these asserts notice it.)
+#[test]
+fn plain_paths_skip_the_slow_path_and_odd_ones_do_not() {
+    for plain in [
+        "/",
+        "/a./b",
+        "/..a",
+        "/.well-known",
+        "/a/.b",
+        "/ai/v2/code/completions",
+    ] {
+        assert!(is_plain(plain), "{plain} is plain");
+    }
+    for odd in [
+        "//a", "/a//b", "/.", "/./a", "/..", "/../a", "/a/..", "/%41", "/a;b", "/a\\b",
+    ] {
+        assert!(!is_plain(odd), "{odd} needs normalizing");
+    }
+}

@@ -1,7 +1,7 @@
 //! `serve --dev`: a sidecar that runs with no files and no network. It makes an
 //! ephemeral development signing key, writes its public key set, private key and the
 //! shipped unit primitive registry to a fresh temporary directory, loads the embedded
-//! template `src/devmode/dev.yaml.template` against them, and mints a ready-to-use token
+//! template `src/dev_server/dev.yaml.template` against them, and mints a ready-to-use token
 //! that carries the claims a GitLab instance's token carries.
 
 use std::path::{Path, PathBuf};
@@ -12,7 +12,7 @@ use serde_json::json;
 use crate::config::{Config, ConfigError};
 use crate::dev::DevKey;
 
-const DEV_CONFIG: &str = include_str!("devmode/dev.yaml.template");
+const DEV_CONFIG: &str = include_str!("dev_server/dev.yaml.template");
 const EMBEDDED_REGISTRY: &[(&str, &str)] =
     include!(concat!(env!("OUT_DIR"), "/embedded_registry.rs"));
 
