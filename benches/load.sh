@@ -13,6 +13,13 @@
 #    (noop_authz --same-answer), which splits A - N into what Envoy spends on the answer
 #    (identity headers, access-log metadata) and what connector-authz spends deciding.
 #    Configs: benches/envoy/ext-authz.yaml (A and N), benches/envoy/jwt-authn.yaml (B).
+#    W = connector-authz's proxy-wasm filter in Envoy (benches/envoy/wasm.yaml; the token is
+#    verified once by the sidecar, then decided in process). Then, cold: A-forged and
+#    W-forged send a distinct forged token on every request (the valid token's header and
+#    claims with a random signature): what a forged-token flood costs the Envoy worker with
+#    each form (W asks the sidecar's /v1/verify for every one). Envoy's CPU per request is
+#    measured for every configuration. (Distinct *valid* tokens, W-cold with good tokens, need
+#    a fixture that mints many tokens: not measured yet.)
 # 2. CPU seconds per Check of connector-authz and of the do-nothing server (utime + stime
 #    from /proc/PID/stat over each run, divided by the requests wrk counted).
 # 3. The Check RPC directly with h2load (no Envoy): connector-authz with a warm cache (one
@@ -53,6 +60,8 @@ command -v wrk >/dev/null && command -v h2load >/dev/null
 say "building release binaries (LTO; minutes when not up to date)"
 cargo build --release --locked --bin connector-authz --example noop_authz \
   --example load_fixture --example cache_rss >&2
+cargo build --release --locked --target wasm32-wasip1 -p connector-authz-wasm >&2
+wasm_module=$target_dir/wasm32-wasip1/release/connector_authz_wasm.wasm
 bin=$target_dir/release
 authz_bin=$bin/connector-authz
 
@@ -141,8 +150,8 @@ render() { # template out KEY=VALUE...
   scripts/render-envoy-config.sh -o "$out" "$template" "$@"
 }
 
-declare -A envoy_port
-for config in A N S B; do
+declare -A envoy_port envoy_pid
+for config in A N S B W; do
   listen=$(free_port); admin=$(free_port)
   case $config in
     A) render benches/envoy/ext-authz.yaml "$OUT_DIR/envoy-A.yaml" LISTEN_PORT="$listen" ADMIN_PORT="$admin" AUTHZ_PORT="$authz_grpc" ;;
@@ -150,9 +159,12 @@ for config in A N S B; do
     S) render benches/envoy/ext-authz.yaml "$OUT_DIR/envoy-S.yaml" LISTEN_PORT="$listen" ADMIN_PORT="$admin" AUTHZ_PORT="$same_grpc" ;;
     B) render benches/envoy/jwt-authn.yaml "$OUT_DIR/envoy-B.yaml" LISTEN_PORT="$listen" ADMIN_PORT="$admin" \
          ISSUER=https://customers.gitlab.com AUDIENCE=gitlab-ai-gateway JWKS="$(cat "$fixture/jwks.json")" ;;
+    W) render benches/envoy/wasm.yaml "$OUT_DIR/envoy-W.yaml" LISTEN_PORT="$listen" ADMIN_PORT="$admin" \
+         AUTHZ_ADMIN_PORT="$authz_admin" WASM_PATH="$wasm_module" ;;
   esac
   start "envoy-$config" "$ENVOY_BIN" -c "$OUT_DIR/envoy-$config.yaml" --concurrency 1 \
     --disable-hot-restart --log-level warn --base-id "$((RANDOM + 1000))"
+  envoy_pid[$config]=$last_pid
   wait_http "http://127.0.0.1:$admin/ready"
   envoy_port[$config]=$listen
 done
@@ -166,7 +178,13 @@ LUA
 request_headers=(-H "Authorization: Bearer $token" -H "X-Gitlab-Realm: self-managed"
   -H "X-Gitlab-Instance-Id: $instance" -H "X-Gitlab-Authentication-Type: oidc" -H "X-Gitlab-Version: 17.5.0")
 
-for config in A N S B; do
+# The filter answers 503 until its first snapshot from the sidecar.
+for _ in $(seq 100); do
+  code=$(curl -s -o /dev/null -w '%{http_code}' "http://127.0.0.1:${envoy_port[W]}/ai/v2/code/completions")
+  [ "$code" = 503 ] || break
+  sleep 0.1
+done
+for config in A N S B W; do
   code=$(curl -s -o /dev/null -w '%{http_code}' -X POST "${request_headers[@]}" \
     "http://127.0.0.1:${envoy_port[$config]}/ai/v2/code/completions")
   [ "$code" = 200 ] || { say "config $config answers $code, not 200; see $OUT_DIR"; exit 1; }
@@ -179,7 +197,7 @@ done
 # 1 + 2: through Envoy, A N B alternated
 
 results=$OUT_DIR/results.tsv
-echo -e "kind\tconfig\tround\treq_per_s\tp50_ms\tp90_ms\tp99_ms\trequests\tnon2xx\tserver_cpu_us_per_req" >"$results"
+echo -e "kind\tconfig\tround\treq_per_s\tp50_ms\tp90_ms\tp99_ms\trequests\tnon2xx\tserver_cpu_us_per_req\tenvoy_cpu_us_per_req" >"$results"
 
 to_ms() { # wrk latency like 812.00us, 1.23ms, 1.01s
   awk -v v="$1" 'BEGIN {
@@ -189,12 +207,15 @@ to_ms() { # wrk latency like 812.00us, 1.23ms, 1.01s
     else print v }'
 }
 
-run_wrk() { # config round
+run_wrk() { # config round: config is A N S B W, or A-forged / W-forged (distinct forged tokens)
   local config=$1 round=$2 out=$OUT_DIR/wrk-$1-$2.txt server_pid="" before=0
-  case $config in A) server_pid=$authz_pid ;; N) server_pid=$noop_pid ;; S) server_pid=$same_pid ;; esac
+  local envoy=${config%-forged} script=$wrk_script
+  [ "$config" != "$envoy" ] && script=$forged_script
+  case $envoy in A | W) server_pid=$authz_pid ;; N) server_pid=$noop_pid ;; S) server_pid=$same_pid ;; esac
   [ -n "$server_pid" ] && before=$(cpu_ticks "$server_pid")
-  wrk -t1 -c"$CONNECTIONS" -d"${SECONDS_PER_RUN}s" --latency --timeout 5s -s "$wrk_script" \
-    "${request_headers[@]}" "http://127.0.0.1:${envoy_port[$config]}/ai/v2/code/completions" >"$out"
+  local envoy_before; envoy_before=$(cpu_ticks "${envoy_pid[$envoy]}")
+  wrk -t1 -c"$CONNECTIONS" -d"${SECONDS_PER_RUN}s" --latency --timeout 5s -s "$script" \
+    "${request_headers[@]}" "http://127.0.0.1:${envoy_port[$envoy]}/ai/v2/code/completions" >"$out"
   local cpu=""
   local requests rps p50 p90 p99 non2xx
   requests=$(awk '/requests in/ {print $1}' "$out")
@@ -207,13 +228,36 @@ run_wrk() { # config round
     cpu=$(awk -v a="$before" -v b="$(cpu_ticks "$server_pid")" -v n="$requests" -v hz="$hz" \
       'BEGIN {printf "%.1f", (b - a) / hz / n * 1e6}')
   fi
-  echo -e "envoy\t$config\t$round\t$rps\t$p50\t$p90\t$p99\t$requests\t$non2xx\t$cpu" >>"$results"
-  say "envoy $config round $round: $rps req/s, p50 ${p50} ms, p99 ${p99} ms, non-2xx $non2xx${cpu:+, server CPU ${cpu} us/req}"
+  local envoy_cpu
+  envoy_cpu=$(awk -v a="$envoy_before" -v b="$(cpu_ticks "${envoy_pid[$envoy]}")" -v n="$requests" -v hz="$hz" \
+    'BEGIN {printf "%.1f", (b - a) / hz / n * 1e6}')
+  echo -e "envoy\t$config\t$round\t$rps\t$p50\t$p90\t$p99\t$requests\t$non2xx\t$cpu\t$envoy_cpu" >>"$results"
+  say "envoy $config round $round: $rps req/s, p50 ${p50} ms, p99 ${p99} ms, non-2xx $non2xx${cpu:+, server CPU ${cpu} us/req}, Envoy CPU ${envoy_cpu} us/req"
 }
 
-say "through Envoy: $ROUNDS rounds of A N S B, ${SECONDS_PER_RUN}s each, -c$CONNECTIONS"
+# Distinct forged tokens: the valid token's header and claims, a random signature each time.
+forged_script=$OUT_DIR/forged.lua
+cat >"$forged_script" <<LUA
+local prefix = "${token%.*}."
+local alphabet = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
+math.randomseed(os.time())
+wrk.method = "POST"
+wrk.body = '{"prompt":"def hello"}'
+wrk.headers["Content-Type"] = "application/json"
+request = function()
+  local sig = {}
+  for i = 1, 342 do
+    local n = math.random(1, 64)
+    sig[i] = alphabet:sub(n, n)
+  end
+  wrk.headers["Authorization"] = "Bearer " .. prefix .. table.concat(sig)
+  return wrk.format()
+end
+LUA
+
+say "through Envoy: $ROUNDS rounds of A N S B W A-forged W-forged, ${SECONDS_PER_RUN}s each, -c$CONNECTIONS"
 for round in $(seq "$ROUNDS"); do
-  for config in A N S B; do run_wrk "$config" "$round"; sleep 1; done
+  for config in A N S B W A-forged W-forged; do run_wrk "$config" "$round"; sleep 1; done
 done
 
 # ---------------------------------------------------------------------------------------
@@ -279,7 +323,9 @@ summary() {
 import csv, statistics, sys
 rows = list(csv.DictReader(open(sys.argv[1]), delimiter="\t"))
 def col(kind, prefix, name):
-    return [float(r[name]) for r in rows if r["kind"] == kind and r["config"].startswith(prefix) and r[name]]
+    # A config is matched exactly ("A" is not "A-forged"); h2load labels by prefix ("warm-1").
+    match = (lambda c: c == prefix) if kind == "envoy" else (lambda c: c.startswith(prefix))
+    return [float(r[name]) for r in rows if r["kind"] == kind and match(r["config"]) and r.get(name)]
 def show(kind, prefix, label):
     rps = col(kind, prefix, "req_per_s")
     if not rps:
@@ -291,12 +337,18 @@ def show(kind, prefix, label):
     cpu = col(kind, prefix, "server_cpu_us_per_req")
     if cpu:
         line += f"  server CPU {statistics.median(cpu):.1f} us/req (min {min(cpu):.1f}, max {max(cpu):.1f})"
+    envoy = col(kind, prefix, "envoy_cpu_us_per_req") if kind == "envoy" else []
+    if envoy:
+        line += f"  Envoy CPU {statistics.median(envoy):.1f} us/req (min {min(envoy):.1f}, max {max(envoy):.1f})"
     print(line)
     return statistics.median(rps), (statistics.median(p99) if p99 else None), (statistics.median(cpu) if cpu else None)
 a = show("envoy", "A", "A  Envoy ext_authz -> connector-authz")
 n = show("envoy", "N", "N  Envoy ext_authz -> do-nothing")
 s_ = show("envoy", "S", "S  ext_authz -> do-nothing, same answer")
 b = show("envoy", "B", "B  Envoy jwt_authn + RBAC")
+wa = show("envoy", "W", "W  Envoy + the proxy-wasm filter, warm")
+af = show("envoy", "A-forged", "A  ext_authz, distinct forged tokens")
+wf = show("envoy", "W-forged", "W  wasm filter, distinct forged tokens")
 w = show("h2load", "warm", "h2load connector-authz, warm cache")
 u = show("h2load", "uncached", "h2load connector-authz, cache off")
 o = show("h2load", "noop", "h2load do-nothing server")
@@ -307,6 +359,10 @@ if a and s_:
     print(f"A/S req/s {a[0]/s_[0]:.3f}   A/S p99 {a[1]/s_[1]:.3f}   A/S server CPU per Check {a[2]/s_[2]:.2f}   S/N req/s {s_[0]/n[0]:.3f}")
 if a and b:
     print(f"A/B req/s {a[0]/b[0]:.3f}   A/B p99 {a[1]/b[1]:.3f}")
+if wa and b and n:
+    print(f"W/B req/s {wa[0]/b[0]:.3f}   W/N req/s {wa[0]/n[0]:.3f}")
+if wf and af and n:
+    print(f"forged flood: W/A req/s {wf[0]/af[0]:.3f}   W-forged/N req/s {wf[0]/n[0]:.3f}")
 if w and o:
     print(f"h2load warm/do-nothing req/s {w[0]/o[0]:.3f}   CPU per Check {w[2]/o[2]:.2f}")
 if w and so:

@@ -48,12 +48,17 @@ check_core_tree() {
 check_core_tree
 check_core_tree --no-default-features --features rust-crypto
 cargo build -p "$core" --locked --target wasm32-wasip1 --no-default-features --features rust-crypto
+# The proxy-wasm filter (the e2e tests of tests/e2e_wasm.rs load this module into Envoy).
+cargo build -p connector-authz-wasm --release --locked --target wasm32-wasip1
+if [ "$quick" = 0 ]; then
+  cargo clippy -p connector-authz-wasm --target wasm32-wasip1 --locked -- -D warnings
+fi
 
 cargo test --workspace --all-targets --locked
 # The tests that need Envoy or promtool are #[ignore]d (a developer may not have them):
 # here, where the tools were just installed, they run, and a missing tool fails them.
 # With --quick nothing was installed: they run only when the tools are there already.
-tool_tests=(--test e2e_envoy --test operability)
+tool_tests=(--test e2e_envoy --test e2e_wasm --test operability)
 if [ "$quick" = 0 ]; then
   cargo test --locked "${tool_tests[@]}" -- --ignored
 elif [ -n "${ENVOY_BIN:-}" ] || [ -x .venv/bin/python ] && command -v promtool >/dev/null 2>&1; then

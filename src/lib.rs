@@ -9,8 +9,8 @@
 #![forbid(unsafe_code)]
 
 pub use connector_authz_core::{
-    algorithm, config, decide, decision, dev, error, fetch_url, registry, route, token,
-    token_cache, verify,
+    algorithm, config, decide, decision, dev, error, feed, fetch_url, registry, respond, route,
+    token, token_cache, verify,
 };
 
 /// Issuers' public keys: the snapshot and JWKS parsing come from the core; fetching, the
@@ -30,6 +30,8 @@ pub mod cli;
 pub(crate) mod deprecation;
 pub(crate) mod dev_server;
 pub(crate) mod explain;
+/// The proxy-wasm filter's feed (`/v1/snapshot`, `/v1/verify`) on the admin listener.
+pub mod filter_feed;
 pub mod grpc;
 pub mod metrics;
 pub mod proto;

@@ -192,7 +192,8 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
             keys: keys.clone(),
             metrics: metrics.clone(),
             draining: draining_rx,
-        });
+        })
+        .merge(crate::filter_feed::Feed::new(snapshot.clone(), Some(keys.clone())).routes());
         tokio::spawn(async move {
             let result = axum::serve(admin_listener, app)
                 .with_graceful_shutdown(async move {

@@ -1424,6 +1424,84 @@ fn every_case_gets_its_decision_from_decide() {
     );
 }
 
+/// Every case as the proxy-wasm filter decides it: with the configuration rebuilt from the
+/// sidecar's `/v1/snapshot` body and the signature stage answered by `/v1/verify` (both
+/// through their JSON), then `decide_verified`. Envoy's own handling of the hostile bytes is
+/// left out here (tests/e2e_wasm.rs runs the filter in Envoy).
+#[test]
+fn every_case_gets_its_decision_through_the_filter() {
+    use connector_authz::decide::{Outcome, VerifiedTokens, decide_verified, verify_token};
+    use connector_authz::decision::Denied;
+    use connector_authz::feed::{FeedSnapshot, VerifyAnswer};
+    use connector_authz::token_cache::VerifiedToken;
+    use std::sync::Arc;
+
+    struct Answered(Option<(String, Result<Arc<VerifiedToken>, Denied>)>);
+    impl VerifiedTokens for Answered {
+        fn lookup(&self, raw: &str) -> Option<Result<Arc<VerifiedToken>, Denied>> {
+            self.0
+                .as_ref()
+                .filter(|(token, _)| token == raw)
+                .map(|(_, outcome)| outcome.clone())
+        }
+    }
+    struct Asked(std::cell::RefCell<Option<String>>);
+    impl VerifiedTokens for Asked {
+        fn lookup(&self, raw: &str) -> Option<Result<Arc<VerifiedToken>, Denied>> {
+            *self.0.borrow_mut() = Some(raw.to_string());
+            None
+        }
+    }
+
+    let env = Env::new(root());
+    let wire = serde_json::to_vec(&FeedSnapshot::of(&env.snapshot)).unwrap();
+    let filter = serde_json::from_slice::<FeedSnapshot>(&wire)
+        .unwrap()
+        .compile()
+        .expect("the snapshot compiles")
+        .snapshot;
+    let now = real_now();
+    let at = UNIX_EPOCH + Duration::from_secs(now);
+    let mut wrong = Vec::new();
+    for case in cases(&env.keys, now) {
+        let list = case.input.text_headers();
+        let method = String::from_utf8_lossy(&case.input.method);
+        let path = String::from_utf8_lossy(&case.input.path);
+        let req = Request {
+            method: &method,
+            path: &path,
+            headers: &list,
+        };
+        let asked = Asked(Default::default());
+        let decision = match decide_verified(&filter, &req, at, &asked) {
+            Outcome::Decided(decision) => decision,
+            Outcome::NeedsVerification => {
+                let raw = asked.0.into_inner().expect("the token asked for");
+                let answer = VerifyAnswer::of(&verify_token(&env.snapshot, &raw, at));
+                let answer: VerifyAnswer =
+                    serde_json::from_slice(&serde_json::to_vec(&answer).unwrap()).unwrap();
+                let outcome = answer
+                    .into_outcome(&filter.config)
+                    .expect("a sensible answer");
+                match decide_verified(&filter, &req, at, &Answered(Some((raw, outcome)))) {
+                    Outcome::Decided(decision) => decision,
+                    Outcome::NeedsVerification => panic!("{}: asked twice", case.name),
+                }
+            }
+        };
+        let got = decision_word(&decision);
+        if got != case.want {
+            wrong.push(format!("{}: want {}, got {got}", case.name, case.want));
+        }
+    }
+    assert!(
+        wrong.is_empty(),
+        "{} wrong:\n{}",
+        wrong.len(),
+        wrong.join("\n")
+    );
+}
+
 /// The real server with the fixed world's key files; every case over gRPC, sent once
 /// as Envoy's default `headers` map and once as `header_map` with `raw_value` bytes.
 #[tokio::test]

@@ -16,21 +16,10 @@ use crate::proto::envoy::service::auth::v3::{
 use crate::proto::envoy::r#type::v3::HttpStatus;
 use crate::proto::google::rpc;
 
-/// Upstream headers that carry the verified identity. The backend trusts them, so a
-/// client's own copies must never get through: we overwrite or remove every one of them.
-pub const SUBJECT_HEADER: &str = "x-gitlab-authz-subject";
-pub const ISSUER_HEADER: &str = "x-gitlab-authz-issuer";
-pub const SCOPES_HEADER: &str = "x-gitlab-authz-scopes";
-pub const UNIT_PRIMITIVE_HEADER: &str = "x-gitlab-authz-unit-primitive";
-/// Set on an allow that a backend in `mode: dry_run` would otherwise have denied: the reason.
-pub const DRY_RUN_HEADER: &str = "x-gitlab-authz-dry-run";
-const IDENTITY_HEADERS: [&str; 5] = [
-    SUBJECT_HEADER,
-    ISSUER_HEADER,
-    SCOPES_HEADER,
-    UNIT_PRIMITIVE_HEADER,
-    DRY_RUN_HEADER,
-];
+pub use crate::respond::{
+    DRY_RUN_HEADER, ISSUER_HEADER, SCOPES_HEADER, SUBJECT_HEADER, UNIT_PRIMITIVE_HEADER,
+};
+use crate::respond::{UpstreamHeaders, error_body};
 
 // google.rpc.Code values. Envoy only tells 0 (allow) from the rest (deny), but the code
 // also lands in its logs and stats, so a deny says what kind it is.
@@ -56,48 +45,29 @@ fn allow_response(allowed: &Allowed) -> CheckResponse {
         "allow"
     });
     metadata.put("backend", &allowed.backend);
-    let mut ok = OkHttpResponse::default();
+    let upstream = UpstreamHeaders::of(allowed);
+    let ok = OkHttpResponse {
+        headers: upstream
+            .set
+            .iter()
+            .map(|(name, value)| overwrite(name, value))
+            .collect(),
+        headers_to_remove: upstream.remove,
+        ..Default::default()
+    };
     match &allowed.identity {
-        // A public route or a dry-run allow: nobody was identified, so no identity header
-        // (and no forwarded claim) may reach the backend.
         None => {
-            ok.headers_to_remove = IDENTITY_HEADERS
-                .iter()
-                .map(|&name| name.to_owned())
-                .chain(allowed.removed_headers.iter().map(|h| h.to_string()))
-                .collect();
             if let Some(denied) = &allowed.dry_run {
-                ok.headers_to_remove.retain(|h| h != DRY_RUN_HEADER);
-                ok.headers
-                    .push(overwrite(DRY_RUN_HEADER, denied.reason.as_str()));
                 metadata.put("reason", denied.reason.as_str());
             }
         }
         Some(identity) => {
-            let scopes = identity.scopes.join(" ");
-            ok.headers = vec![
-                overwrite(SUBJECT_HEADER, &identity.subject),
-                overwrite(ISSUER_HEADER, &identity.issuer),
-                overwrite(SCOPES_HEADER, &scopes),
-            ];
-            match &identity.unit_primitive {
-                Some(unit_primitive) => {
-                    ok.headers
-                        .push(overwrite(UNIT_PRIMITIVE_HEADER, unit_primitive));
-                    metadata.put("unit_primitive", unit_primitive);
-                }
-                None => ok.headers_to_remove.push(UNIT_PRIMITIVE_HEADER.to_owned()),
-            }
-            ok.headers_to_remove.push(DRY_RUN_HEADER.to_owned());
-            for forwarded in &identity.forwarded {
-                match &forwarded.value {
-                    Some(value) => ok.headers.push(overwrite(&forwarded.header, value)),
-                    None => ok.headers_to_remove.push(forwarded.header.to_string()),
-                }
+            if let Some(unit_primitive) = &identity.unit_primitive {
+                metadata.put("unit_primitive", unit_primitive);
             }
             metadata.put("subject", &identity.subject);
             metadata.put("issuer", &identity.issuer);
-            metadata.put("scopes", &scopes);
+            metadata.put("scopes", &identity.scopes.join(" "));
             if let Some(jti) = &identity.jti {
                 metadata.put("jti", jti);
             }
@@ -182,37 +152,6 @@ fn rpc_code(http_status: u16) -> i32 {
     }
 }
 
-/// `{"error":"<reason>","message":"<message>"}`, written directly into one buffer.
-fn error_body(error: &str, message: &str) -> String {
-    let mut body = String::with_capacity(32 + error.len() + message.len());
-    body.push_str(r#"{"error":"#);
-    push_json_string(&mut body, error);
-    body.push_str(r#","message":"#);
-    push_json_string(&mut body, message);
-    body.push('}');
-    body
-}
-
-/// A JSON string literal (RFC 8259 §7): quotes, backslashes and control characters escaped.
-fn push_json_string(out: &mut String, text: &str) {
-    out.push('"');
-    for c in text.chars() {
-        match c {
-            '"' => out.push_str("\\\""),
-            '\\' => out.push_str("\\\\"),
-            '\n' => out.push_str("\\n"),
-            '\r' => out.push_str("\\r"),
-            '\t' => out.push_str("\\t"),
-            c if u32::from(c) < 0x20 => {
-                use std::fmt::Write as _;
-                let _ = write!(out, "\\u{:04x}", u32::from(c));
-            }
-            c => out.push(c),
-        }
-    }
-    out.push('"');
-}
-
 /// `OVERWRITE_IF_EXISTS_OR_ADD`: a value the client sent under the same name is replaced,
 /// not joined with ours. Empty values are kept (a token may carry no scopes) so that an
 /// empty header still replaces a smuggled one.
@@ -255,6 +194,7 @@ mod tests {
     use crate::grpc::test_support::{
         ISSUER, denied_response, header, header_value, metadata, mk_identity, ok_response,
     };
+    use crate::respond::IDENTITY_HEADERS;
 
     #[test]
     fn every_deny_reason_has_its_status_body_and_challenge() {

@@ -10,6 +10,7 @@
 
 use std::borrow::Cow;
 use std::cell::RefCell;
+use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -87,7 +88,17 @@ pub struct ScopeTrace {
 /// [`decide`], recording each step it took in a [`Trace`]. The decision is [`decide`]'s.
 pub fn decide_traced(snapshot: &Snapshot, req: &Request<'_>, now: SystemTime) -> (Decision, Trace) {
     let trace = RefCell::new(Trace::default());
-    let decision = run(snapshot, req, now, TokenCache::disabled(), Some(&trace));
+    let decision = match run(
+        snapshot,
+        req,
+        now,
+        TokenCache::disabled(),
+        Some(&trace),
+        verify_here,
+    ) {
+        Ok(decision) => decision,
+        Err(never) => match never {},
+    };
     (decision, trace.into_inner())
 }
 
@@ -100,41 +111,130 @@ pub fn decide_cached(
     now: SystemTime,
     cache: &TokenCache,
 ) -> Decision {
-    run(snapshot, req, now, cache, None)
+    match run(snapshot, req, now, cache, None, verify_here) {
+        Ok(decision) => decision,
+        Err(never) => match never {},
+    }
 }
 
-fn run(
+/// The signature stage as [`decide`] runs it: a token `check`'s cache holds, else its
+/// signature verified with the snapshot's keys.
+fn verify_here(
+    check: &TokenCheck<'_>,
+    raw: &str,
+    leeway: i64,
+) -> Result<Result<Arc<VerifiedToken>, Denied>, Infallible> {
+    Ok(
+        match check
+            .cache
+            .get(raw, check.config, &check.snapshot.keys, check.now)
+        {
+            Some(verified) => Ok(verified),
+            None => check.verify_signature(raw, leeway),
+        },
+    )
+}
+
+/// Where [`decide_verified`] gets the verification of a bearer token from, when the
+/// signature is checked somewhere else (the proxy-wasm filter asks the sidecar).
+pub trait VerifiedTokens {
+    /// The outcome of verifying `raw` (the bearer token, as the request carries it):
+    /// `None` when it has not been verified yet, else the verified token or the denial
+    /// that verifying it gave (see [`verify_token`]).
+    fn lookup(&self, raw: &str) -> Option<Result<Arc<VerifiedToken>, Denied>>;
+}
+
+/// What [`decide_verified`] comes to.
+// Returned and matched at once, like `Decision` itself; a box would cost an allocation a request.
+#[allow(clippy::large_enum_variant)]
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    Decided(Decision),
+    /// The request needs its bearer token verified, which `tokens` does not know yet:
+    /// verify it (with [`verify_token`], where the keys are) and decide again.
+    NeedsVerification,
+}
+
+/// Decides as [`decide`] does, except that the signature stage (token structure,
+/// algorithm, issuer, the issuer's keys, the signature) is not run here: its outcome comes
+/// from `tokens`. Every other check (path, route, time window, audience, instance headers,
+/// user tokens, scopes, the header-named unit primitive, the minimum version,
+/// `forward_claims`, dry run) is the same code as [`decide`]'s, so for the outcome of
+/// [`verify_token`] on the same snapshot the decision is the same. `snapshot.keys` is not
+/// read (the filter holds no keys).
+pub fn decide_verified(
+    snapshot: &Snapshot,
+    req: &Request<'_>,
+    now: SystemTime,
+    tokens: &dyn VerifiedTokens,
+) -> Outcome {
+    let obtain = |_: &TokenCheck<'_>, raw: &str, _: i64| tokens.lookup(raw).ok_or(());
+    match run(snapshot, req, now, TokenCache::disabled(), None, obtain) {
+        Ok(decision) => Outcome::Decided(decision),
+        Err(()) => Outcome::NeedsVerification,
+    }
+}
+
+/// The signature stage alone, for a token without a request: the token's size (`max_bytes`)
+/// and structure, its algorithm, its issuer, that issuer's keys and the key that verifies
+/// it. Denials are those [`decide`] gives at these steps (an unknown `kid` sets
+/// `refresh_issuer`). The time window is not checked here: [`decide_verified`] checks it.
+pub fn verify_token(
+    snapshot: &Snapshot,
+    raw: &str,
+    now: SystemTime,
+) -> Result<Arc<VerifiedToken>, Denied> {
+    let settings = &snapshot.config.tokens;
+    // The same size and shape rules as a bearer header.
+    let header = vec![("authorization", format!("Bearer {raw}"))];
+    let raw =
+        token::bearer(&header, settings.max_bytes).map_err(|e| denied(e.reason, e.message))?;
+    let leeway = i64::try_from(settings.leeway.as_secs()).unwrap_or(i64::MAX);
+    SignatureCheck {
+        snapshot,
+        config: &snapshot.config,
+        now: unix_seconds(now),
+        cache: TokenCache::disabled(),
+        trace: None,
+    }
+    .verify_signature(raw, leeway)
+}
+
+/// The decision, with the signature stage supplied by `obtain`, which may give up
+/// (`Err(P)`: the decision cannot be made yet).
+fn run<P>(
     snapshot: &Snapshot,
     req: &Request<'_>,
     now: SystemTime,
     cache: &TokenCache,
     trace: Option<&RefCell<Trace>>,
-) -> Decision {
+    obtain: impl FnOnce(&TokenCheck<'_>, &str, i64) -> Result<Result<Arc<VerifiedToken>, Denied>, P>,
+) -> Result<Decision, P> {
     let config = &*snapshot.config;
     let path = match normalize_path(req.path) {
         Ok(path) => path,
-        Err(e) => return Decision::deny(DenyReason::BadPath, e.message()),
+        Err(e) => return Ok(Decision::deny(DenyReason::BadPath, e.message())),
     };
     if let Some(trace) = trace {
         trace.borrow_mut().path = Some(path.to_string());
     }
     let Some(route_index) = config.routes.find_index(&path, req.method) else {
-        return Decision::deny(
+        return Ok(Decision::deny(
             DenyReason::NoRoute,
             "no route of this service matches the request's path and method",
-        );
+        ));
     };
     let route = &config.routes.routes()[route_index];
     let backend = &config.backends[route.backend];
     let access = match &route.access {
         Access::Public => {
-            return Decision::Allow(Allowed {
+            return Ok(Decision::Allow(Allowed {
                 backend: backend.name.clone(),
                 route: Some(route_index),
                 identity: None,
                 dry_run: None,
                 removed_headers: forward_headers(backend),
-            });
+            }));
         }
         Access::Token {
             require,
@@ -157,7 +257,7 @@ fn run(
         cache,
         trace,
     };
-    match check.run(&access) {
+    Ok(match check.run(&access, obtain)? {
         Ok(mut identity) => {
             // The deprecated unit primitives of the route that this token relied on: all
             // of `require`, and those of `require_any` that it holds.
@@ -176,17 +276,17 @@ fn run(
             denied.backend = Some(backend.name.clone());
             denied.route = Some(route_index);
             if backend.mode == Mode::DryRun {
-                return Decision::Allow(Allowed {
+                return Ok(Decision::Allow(Allowed {
                     backend: backend.name.clone(),
                     route: Some(route_index),
                     identity: None,
                     dry_run: Some(Box::new(denied)),
                     removed_headers: forward_headers(backend),
-                });
+                }));
             }
             Decision::Deny(denied)
         }
-    }
+    })
 }
 
 fn forward_headers(backend: &Backend) -> Vec<Box<str>> {
@@ -254,28 +354,45 @@ impl TokenCheck<'_> {
         }
     }
 
-    fn run(&self, needs: &RouteNeeds<'_>) -> Result<Identity, Denied> {
+    /// The token checks; `obtain` gives the verified token (or the signature stage's
+    /// denial), or gives up with `Err(P)`.
+    fn run<P>(
+        &self,
+        needs: &RouteNeeds<'_>,
+        obtain: impl FnOnce(&Self, &str, i64) -> Result<Result<Arc<VerifiedToken>, Denied>, P>,
+    ) -> Result<Result<Identity, Denied>, P> {
         let settings = &self.config.tokens;
-        let raw = token::bearer(self.req.headers, settings.max_bytes)
-            .map_err(|e| denied(e.reason, e.message))?;
+        let raw = match token::bearer(self.req.headers, settings.max_bytes) {
+            Ok(raw) => raw,
+            Err(e) => return Ok(Err(denied(e.reason, e.message))),
+        };
         let leeway = i64::try_from(settings.leeway.as_secs()).unwrap_or(i64::MAX);
-        let verified = match self
-            .cache
-            .get(raw, self.config, &self.snapshot.keys, self.now)
-        {
-            Some(verified) => verified,
-            None => self.verify_signature(raw, leeway)?,
+        let verified = match obtain(self, raw, leeway)? {
+            Ok(verified) => verified,
+            Err(d) => return Ok(Err(d)),
         };
         self.note(|t| {
             if t.claims.is_none() {
                 t.claims = Some(verified.claims.clone());
             }
         });
-        self.check_verified(raw, &verified, needs, leeway)
+        Ok(self
+            .check_verified(raw, &verified, needs, leeway)
             .map_err(|mut d| {
                 d.claimed = claimed(&verified.claims);
                 d
-            })
+            }))
+    }
+
+    fn verify_signature(&self, raw: &str, leeway: i64) -> Result<Arc<VerifiedToken>, Denied> {
+        SignatureCheck {
+            snapshot: self.snapshot,
+            config: self.config,
+            now: self.now,
+            cache: self.cache,
+            trace: self.trace,
+        }
+        .verify_signature(raw, leeway)
     }
 
     /// The checks after the signature, which a cached token and a freshly verified one
@@ -376,6 +493,24 @@ impl TokenCheck<'_> {
             })
             .collect())
     }
+}
+
+/// The signature stage (what a cache hit skips), apart from any request.
+struct SignatureCheck<'a> {
+    snapshot: &'a Snapshot,
+    config: &'a Config,
+    now: i64,
+    cache: &'a TokenCache,
+    trace: Option<&'a RefCell<Trace>>,
+}
+
+impl SignatureCheck<'_> {
+    /// Records a step when tracing (`explain`); nothing otherwise.
+    fn note(&self, step: impl FnOnce(&mut Trace)) {
+        if let Some(trace) = self.trace {
+            step(&mut trace.borrow_mut());
+        }
+    }
 
     /// The checks a cache hit skips, in the table's order: the token's structure, its
     /// algorithm, its issuer, that issuer's keys and the signature. A token that passes
@@ -458,7 +593,9 @@ impl TokenCheck<'_> {
         })?;
         Ok((issuer.name.clone(), key.fingerprint))
     }
+}
 
+impl TokenCheck<'_> {
     /// The unit primitives `needs` asks of a token that holds `scopes`, for the trace.
     fn scope_trace(&self, needs: &RouteNeeds<'_>, scopes: &[String]) -> ScopeTrace {
         let holds = |up: &str| scopes.iter().any(|s| s == up);

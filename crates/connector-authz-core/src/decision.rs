@@ -139,6 +139,11 @@ impl DenyReason {
         }
     }
 
+    /// The reason whose [`DenyReason::as_str`] is `name`.
+    pub fn from_name(name: &str) -> Option<DenyReason> {
+        DenyReason::ALL.into_iter().find(|r| r.as_str() == name)
+    }
+
     /// The HTTP status Envoy sends to the client.
     pub fn http_status(self) -> u16 {
         match self {

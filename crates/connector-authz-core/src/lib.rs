@@ -123,9 +123,11 @@ pub mod decision;
 #[cfg(any(test, feature = "dev-key"))]
 pub mod dev;
 pub mod error;
+pub mod feed;
 pub mod fetch_url;
 pub mod keys;
 pub mod registry;
+pub mod respond;
 pub mod route;
 pub mod token;
 pub mod token_cache;

@@ -5,8 +5,8 @@
 
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
-use serde::Deserialize;
 use serde::de::{self, DeserializeOwned, Deserializer};
+use serde::{Deserialize, Serialize};
 
 use crate::decision::{DenyReason, HeaderValue, Headers};
 
@@ -101,7 +101,7 @@ fn string_if_present<'de, D: Deserializer<'de>>(d: D) -> Result<Option<String>, 
 }
 
 /// `aud`: a string or an array of strings (RFC 7519 §4.1.3).
-#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(untagged)]
 pub enum Audience {
     One(String),
@@ -118,27 +118,42 @@ impl Audience {
 }
 
 /// The claims of a Cloud Connector token that a decision reads.
-#[derive(Clone, Debug, Default, Deserialize)]
+///
+/// Serialized with the absent claims left out, so that the JSON reads back as the same
+/// claims (the sidecar's `/v1/verify` answer to the proxy-wasm filter).
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct Claims {
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub iss: Option<String>,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sub: Option<String>,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub aud: Option<Audience>,
-    #[serde(default, deserialize_with = "numeric_date")]
+    #[serde(
+        default,
+        deserialize_with = "numeric_date",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub exp: Option<i64>,
-    #[serde(default, deserialize_with = "numeric_date")]
+    #[serde(
+        default,
+        deserialize_with = "numeric_date",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub nbf: Option<i64>,
-    #[serde(default, deserialize_with = "numeric_date")]
+    #[serde(
+        default,
+        deserialize_with = "numeric_date",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub iat: Option<i64>,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub jti: Option<String>,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub scopes: Option<Vec<String>>,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub gitlab_realm: Option<String>,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub gitlab_instance_id: Option<String>,
 }
 

@@ -73,6 +73,21 @@ impl VerifiedToken {
         verified
     }
 
+    /// The algorithm the signature was verified with.
+    pub fn algorithm(&self) -> Algorithm {
+        self.alg
+    }
+
+    /// The `kid` of the token's header, if it had one.
+    pub fn kid(&self) -> Option<&str> {
+        self.kid.as_deref()
+    }
+
+    /// The fingerprint of the issuer's key that verified the signature.
+    pub fn key_fingerprint(&self) -> u64 {
+        self.key_fingerprint
+    }
+
     /// Would the uncached check verify this token's signature again with the same key?
     fn still_verifies(&self, config: &Config, keys: &KeySnapshot) -> bool {
         if !config.tokens.algorithms.contains(&self.alg) {

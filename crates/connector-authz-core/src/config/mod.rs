@@ -37,6 +37,8 @@ pub const DEFAULT_ADMIN_LISTEN: &str = "127.0.0.1:9192";
 pub struct Config {
     /// The file this was loaded from (for messages and reloads).
     pub source: PathBuf,
+    /// The text it was compiled from (what the sidecar's `/v1/snapshot` sends).
+    pub text: Arc<str>,
     pub listen: Listen,
     pub issuers: Vec<Issuer>,
     pub keys: KeySettings,
@@ -191,8 +193,34 @@ impl Config {
         Compiler {
             path,
             base_dir: path.parent().unwrap_or(Path::new(".")),
+            given_registry: None,
         }
-        .compile(raw)
+        .compile(raw, text)
+    }
+
+    /// [`Config::from_yaml`] with the unit primitive registry given rather than read from
+    /// the `unit_primitives:` path (which is not opened): how the proxy-wasm filter, which
+    /// has no files, rebuilds the sidecar's configuration from its `/v1/snapshot`. The
+    /// registry is used only when the text names one, as loading would.
+    pub fn from_yaml_with_registry(
+        text: &str,
+        path: &Path,
+        registry: Option<Arc<Registry>>,
+    ) -> Result<Config, ConfigError> {
+        let raw: RawConfig = raw::parse(text, path)?;
+        if raw.unit_primitives.is_some() && registry.is_none() {
+            return Err(ConfigError::new(
+                path,
+                0,
+                "the configuration names a unit primitive registry (`unit_primitives:`) but none was given with it",
+            ));
+        }
+        Compiler {
+            path,
+            base_dir: path.parent().unwrap_or(Path::new(".")),
+            given_registry: registry,
+        }
+        .compile(raw, text)
     }
 
     /// The configured issuer a token's `iss` names, if any.
@@ -223,6 +251,8 @@ type IssuerIndex = HashMap<Arc<str>, usize>;
 struct Compiler<'a> {
     path: &'a Path,
     base_dir: &'a Path,
+    /// Used instead of loading `unit_primitives:` ([`Config::from_yaml_with_registry`]).
+    given_registry: Option<Arc<Registry>>,
 }
 
 impl Compiler<'_> {
@@ -238,7 +268,7 @@ impl Compiler<'_> {
         }
     }
 
-    fn compile(&self, raw: RawConfig) -> Result<Config, ConfigError> {
+    fn compile(&self, raw: RawConfig, text: &str) -> Result<Config, ConfigError> {
         let listen = Listen {
             grpc: self.socket_addr(raw.listen.grpc.as_ref(), DEFAULT_GRPC_LISTEN, "listen.grpc")?,
             admin: self.socket_addr(
@@ -255,6 +285,7 @@ impl Compiler<'_> {
         let keys = self.key_settings(&raw)?;
         let tokens = self.token_settings(&raw)?;
         let registry = match &raw.unit_primitives {
+            Some(_) if self.given_registry.is_some() => self.given_registry.clone(),
             Some(dir) => Some(Arc::new(
                 Registry::load(&self.resolve(&dir.value)).map_err(|e| {
                     if e.line == 0 && e.file == self.resolve(&dir.value) {
@@ -278,6 +309,7 @@ impl Compiler<'_> {
         let (backends, routes) = self.backends(&raw.backends, registry.as_deref())?;
         Ok(Config {
             source: self.path.to_path_buf(),
+            text: Arc::from(text),
             listen,
             issuers,
             keys,

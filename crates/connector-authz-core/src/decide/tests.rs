@@ -103,7 +103,63 @@ fn decide_with(path: &str, token: Option<&str>, extra: &[(&str, &str)]) -> Decis
     assert_eq!(warm, uncached, "a warm cache changed the decision");
     let (traced, _) = trace_in(&snapshot, now, path, token, extra);
     assert_eq!(traced, uncached, "tracing changed the decision");
+    let seam = decide_through_seam(&snapshot, now, path, token, extra);
+    assert_eq!(
+        seam, uncached,
+        "deciding with a token verified elsewhere changed the decision"
+    );
     uncached
+}
+
+/// The outcome of [`verify_token`] for one token, as the filter holds it after asking the sidecar.
+struct VerifiedElsewhere {
+    raw: String,
+    outcome: Result<Arc<VerifiedToken>, Denied>,
+}
+
+impl VerifiedTokens for VerifiedElsewhere {
+    fn lookup(&self, raw: &str) -> Option<Result<Arc<VerifiedToken>, Denied>> {
+        (raw == self.raw).then(|| self.outcome.clone())
+    }
+}
+
+struct NothingVerified;
+
+impl VerifiedTokens for NothingVerified {
+    fn lookup(&self, _: &str) -> Option<Result<Arc<VerifiedToken>, Denied>> {
+        None
+    }
+}
+
+/// Decides as the filter does: with nothing verified first; on `NeedsVerification`, the
+/// token is verified with [`verify_token`] (where the keys are) and the request decided
+/// again, without keys, with that outcome.
+fn decide_through_seam(
+    snapshot: &Snapshot,
+    now: SystemTime,
+    path: &str,
+    token: Option<&str>,
+    extra: &[(&str, &str)],
+) -> Decision {
+    // The filter holds no keys: the seam must not need them.
+    let keyless = Snapshot::new(Arc::clone(&snapshot.config), Arc::default());
+    with_request(path, token, extra, |req| {
+        match decide_verified(&keyless, req, now, &NothingVerified) {
+            Outcome::Decided(decision) => decision,
+            Outcome::NeedsVerification => {
+                let raw = crate::token::bearer(req.headers, snapshot.config.tokens.max_bytes)
+                    .expect("the seam asks only for a token that is present and within max_bytes");
+                let verified = VerifiedElsewhere {
+                    raw: raw.to_string(),
+                    outcome: verify_token(snapshot, raw, now),
+                };
+                match decide_verified(&keyless, req, now, &verified) {
+                    Outcome::Decided(decision) => decision,
+                    Outcome::NeedsVerification => panic!("asked twice to verify the same token"),
+                }
+            }
+        }
+    })
 }
 
 fn decide_in(
@@ -569,14 +625,20 @@ backends:
 fn decide_options(mode: &str, path: &str, token: &str, extra: &[(&str, &str)]) -> Decision {
     let snapshot = options_snapshot(mode);
     let now = UNIX_EPOCH + Duration::from_secs(NOW);
-    decide_in(
+    let uncached = decide_in(
         &snapshot,
         TokenCache::disabled(),
         now,
         path,
         Some(token),
         extra,
-    )
+    );
+    let seam = decide_through_seam(&snapshot, now, path, Some(token), extra);
+    assert_eq!(
+        seam, uncached,
+        "deciding with a token verified elsewhere changed the decision"
+    );
+    uncached
 }
 
 #[test]

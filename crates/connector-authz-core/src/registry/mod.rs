@@ -44,7 +44,7 @@ mod yaml;
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 use crate::error::ConfigError;
 
@@ -52,13 +52,17 @@ pub use timestamp::{ParseTimestampError, Timestamp};
 pub use version::{GitlabVersion, ParseVersionError};
 
 /// The validated unit primitive registry. Built once by [`Registry::load`]; immutable after.
-#[derive(Debug, Clone, Default)]
+/// Serialized (serde) as the facts it holds, for the proxy-wasm filter, which has no files
+/// to load it from: the sidecar sends it in its `/v1/snapshot`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct Registry {
     unit_primitives: BTreeMap<String, UnitPrimitive>,
     backend_services: BTreeMap<String, BackendService>,
     services: BTreeMap<String, Service>,
     add_ons: BTreeSet<String>,
     license_types: BTreeSet<String>,
+    /// Warned about where the files were loaded; not part of the facts.
+    #[serde(skip)]
     unknown_fields: Vec<UnknownField>,
 }
 
@@ -77,7 +81,7 @@ pub struct UnknownField {
 ///
 /// Text fields that only the directory layout has (`description`, `group`,
 /// `feature_category`, `documentation_url`) are empty when loaded from the legacy file.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct UnitPrimitive {
     /// The scope string a token carries for this feature.
     pub name: String,
@@ -108,7 +112,7 @@ pub struct UnitPrimitive {
 }
 
 /// Why a unit primitive is deprecated; at least one of the two is set.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Deprecation {
     pub message: Option<String>,
     pub by_url: Option<String>,
@@ -117,7 +121,7 @@ pub struct Deprecation {
 /// A service behind Cloud Connector that checks tokens; `jwt_aud` is the audience a token
 /// for it must carry. `description`, `project_url` and `group` are empty when the file does
 /// not say (always, for the legacy file).
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct BackendService {
     pub name: String,
     pub jwt_aud: String,
@@ -128,7 +132,7 @@ pub struct BackendService {
 
 /// The older "service" grouping of unit primitives (`duo_chat` delivers `duo_chat`,
 /// `documentation_search`, ...), kept for GitLab versions that still think in services.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Service {
     pub name: String,
     /// The unit primitive whose cut-off date and versions stand for the whole service.
@@ -140,7 +144,7 @@ pub struct Service {
 }
 
 /// A kind of GitLab deployment, as `services/*.yml` spells it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum GitlabRealm {
     #[serde(rename = "gitlab-com")]
     GitlabCom,

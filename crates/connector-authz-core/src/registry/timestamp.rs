@@ -166,6 +166,20 @@ fn is_plain_offset(zone: &str) -> bool {
     digits.iter().all(u8::is_ascii_digit) && digits[..2] <= b"23"[..] && digits[2..] <= b"59"[..]
 }
 
+/// As its text, which [`FromStr`] reads back.
+impl serde::Serialize for Timestamp {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for Timestamp {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(d)?;
+        text.parse().map_err(serde::de::Error::custom)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::time::{Duration, UNIX_EPOCH};
