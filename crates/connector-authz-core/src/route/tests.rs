@@ -175,6 +175,10 @@ fn a_route_for_get_also_takes_head() {
     assert_eq!(t.find("/ai/x", "HEAD").unwrap().backend, 0);
     assert_eq!(t.find("/ai/x", "head").unwrap().backend, 0);
     assert!(t.find("/ai/x", "POST").is_none());
+    // Listing HEAD beside GET changes nothing (cargo-mutants: `| HEAD` as `^ HEAD` went unseen).
+    let get_head = Methods::parse(["GET", "HEAD"]).unwrap();
+    assert!(get_head.contains("HEAD") && get_head.contains("GET"));
+    assert!(!get_head.contains("POST"));
     // A separate HEAD route for the same pattern would be claimed twice.
     let head = Methods::parse(["HEAD"]).unwrap();
     assert!(
