@@ -384,12 +384,6 @@ impl RouteTable {
         }
     }
 
-    /// The route for a request target as it arrives (normalized first, as `decide`
-    /// does); `None` for a malformed path or no match.
-    pub fn route_for(&self, target: &str, method: &str) -> Option<&Route> {
-        self.find(&normalize_path(target).ok()?, method)
-    }
-
     pub fn routes(&self) -> &[Route] {
         &self.routes
     }
