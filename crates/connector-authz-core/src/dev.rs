@@ -106,6 +106,27 @@ impl DevKey {
         json!({ "keys": keys.iter().map(|key| key.public_jwk()).collect::<Vec<_>>() })
     }
 
+    /// These keys as the key set an issuer holds once [`Self::key_set_json`] is parsed, as
+    /// fetched from `source` at `loaded_at`.
+    ///
+    /// # Panics
+    /// Never for keys made here: their JWKS is always a valid key set.
+    pub fn key_set(
+        keys: &[&DevKey],
+        source: crate::keys::KeySource,
+        loaded_at: std::time::SystemTime,
+    ) -> crate::keys::KeySet {
+        let jwks = Self::key_set_json(keys).to_string();
+        crate::keys::jwks::parse_key_set(
+            jwks.as_bytes(),
+            source,
+            loaded_at,
+            &crate::keys::jwks::KeyLimits::default(),
+        )
+        .expect("a dev key's JWKS is a valid key set")
+        .key_set
+    }
+
     /// An RS256 JWT with header `{"alg":"RS256","typ":"JWT","kid":<kid>}`.
     ///
     /// # Panics

@@ -215,7 +215,6 @@ mod tests {
     use crate::decide::{Outcome, VerifiedTokens, decide, decide_verified, verify_token};
     use crate::decision::{Decision, Request};
     use crate::dev::DevKey;
-    use crate::keys::jwks::{KeyLimits, parse_key_set};
     use crate::keys::{KeySnapshot, KeySource};
 
     const ISS: &str = "https://customers.gitlab.com";
@@ -242,15 +241,7 @@ backends:
             registry.display()
         );
         let config = Config::from_yaml(&yaml, Path::new("/etc/authz.yaml")).unwrap();
-        let jwks = DevKey::key_set_json(&[key]).to_string();
-        let set = parse_key_set(
-            jwks.as_bytes(),
-            KeySource::File,
-            UNIX_EPOCH,
-            &KeyLimits::default(),
-        )
-        .unwrap()
-        .key_set;
+        let set = DevKey::key_set(&[key], KeySource::File, UNIX_EPOCH);
         let keys = KeySnapshot::default().with_issuer(ISS.into(), Arc::new(set));
         Snapshot::new(Arc::new(config), Arc::new(keys))
     }

@@ -10,7 +10,6 @@ use connector_authz_core::decide::{Snapshot, decide, verify_token};
 use connector_authz_core::decision::{Decision, Request};
 use connector_authz_core::dev::DevKey;
 use connector_authz_core::feed::{CompiledFeed, FeedSnapshot};
-use connector_authz_core::keys::jwks::{KeyLimits, parse_key_set};
 use connector_authz_core::keys::{KeySnapshot, KeySource};
 use serde_json::json;
 
@@ -47,15 +46,7 @@ backends:
 "
     );
     let config = Config::from_yaml(&yaml, Path::new("/etc/authz.yaml")).unwrap();
-    let jwks = DevKey::key_set_json(&[key]).to_string();
-    let set = parse_key_set(
-        jwks.as_bytes(),
-        KeySource::File,
-        UNIX_EPOCH,
-        &KeyLimits::default(),
-    )
-    .unwrap()
-    .key_set;
+    let set = DevKey::key_set(&[key], KeySource::File, UNIX_EPOCH);
     let keys = KeySnapshot::default().with_issuer(ISS.into(), Arc::new(set));
     Snapshot::new(Arc::new(config), Arc::new(keys))
 }

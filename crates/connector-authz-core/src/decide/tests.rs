@@ -8,7 +8,6 @@ use serde_json::{Value, json};
 use super::*;
 use crate::dev::DevKey;
 use crate::keys::KeySource;
-use crate::keys::jwks::{KeyLimits, parse_key_set};
 
 const NOW: u64 = 1_800_000_000;
 const ISS: &str = "https://customers.gitlab.com";
@@ -47,19 +46,7 @@ backends:
         registry.display()
     );
     let config = Config::from_yaml(&yaml, Path::new("/test/config.yaml")).unwrap();
-    let keys_of = |k: &DevKey| {
-        let jwks = DevKey::key_set_json(&[k]).to_string();
-        Arc::new(
-            parse_key_set(
-                jwks.as_bytes(),
-                KeySource::File,
-                UNIX_EPOCH,
-                &KeyLimits::default(),
-            )
-            .unwrap()
-            .key_set,
-        )
-    };
+    let keys_of = |k: &DevKey| Arc::new(DevKey::key_set(&[k], KeySource::File, UNIX_EPOCH));
     // gitlab.com has no keys: its tokens meet keys_unavailable.
     let keys = KeySnapshot::default()
         .with_issuer(ISS.into(), keys_of(&key(1)))
@@ -886,15 +873,7 @@ backends:
         registry.display()
     );
     let config = Config::from_yaml(&yaml, Path::new("/test/config.yaml")).unwrap();
-    let jwks = DevKey::key_set_json(&[&key(1)]).to_string();
-    let keys = parse_key_set(
-        jwks.as_bytes(),
-        KeySource::File,
-        UNIX_EPOCH,
-        &KeyLimits::default(),
-    )
-    .unwrap()
-    .key_set;
+    let keys = DevKey::key_set(&[&key(1)], KeySource::File, UNIX_EPOCH);
     let snapshot = Snapshot::new(
         Arc::new(config),
         Arc::new(KeySnapshot::default().with_issuer(ISS.into(), Arc::new(keys))),

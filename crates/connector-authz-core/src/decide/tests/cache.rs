@@ -33,15 +33,7 @@ fn uncached(snapshot: &Snapshot, token: &str) -> Decision {
 }
 
 fn with_keys(snapshot: &Snapshot, keys: &[&DevKey]) -> Snapshot {
-    let jwks = DevKey::key_set_json(keys).to_string();
-    let set = parse_key_set(
-        jwks.as_bytes(),
-        KeySource::Network,
-        UNIX_EPOCH,
-        &KeyLimits::default(),
-    )
-    .unwrap()
-    .key_set;
+    let set = DevKey::key_set(keys, KeySource::Network, UNIX_EPOCH);
     let keys = snapshot.keys.with_issuer(ISS.into(), Arc::new(set));
     Snapshot::new(Arc::clone(&snapshot.config), Arc::new(keys))
 }
