@@ -5,6 +5,7 @@
 #   benches/load.sh                 # about 6 minutes after the release build
 #   ROUNDS=5 SECONDS_PER_RUN=20 benches/load.sh
 #   PROFILE=1 benches/load.sh       # also a perf profile of connector-authz under h2load
+#   RUNS="W WN" DIRECT=0 benches/load.sh   # only these runs through Envoy; no h2load, no RSS
 #
 # 1. Through a real Envoy (--concurrency 1), the same allowed request, alternated A N B per
 #    round with wrk -c16: A = ext_authz -> connector-authz, N = ext_authz -> the do-nothing
@@ -17,9 +18,14 @@
 #    verified once by the sidecar, then decided in process). Then, cold: A-forged and
 #    W-forged send a distinct forged token on every request (the valid token's header and
 #    claims with a random signature): what a forged-token flood costs the Envoy worker with
-#    each form (W asks the sidecar's /v1/verify for every one). Envoy's CPU per request is
-#    measured for every configuration. (Distinct *valid* tokens, W-cold with good tokens, need
-#    a fixture that mints many tokens: not measured yet.)
+#    each form (W asks the sidecar's /v1/verify for every one); A-cold and W-cold send a
+#    distinct *valid* token on every request (minted by the fixture, COLD_TOKENS per run, no
+#    token sent twice within a run). WN = a do-nothing proxy-wasm filter (the example
+#    noop_filter: reads three headers, looks the token up in a set, sets one header), the
+#    baseline for what the filter itself costs Envoy. A1 = ext_authz -> a second
+#    connector-authz with --workers 1 (a current-thread runtime), beside A (the default,
+#    two workers on this machine). Envoy's CPU per request is measured for every
+#    configuration.
 # 2. CPU seconds per Check of connector-authz and of the do-nothing server (utime + stime
 #    from /proc/PID/stat over each run, divided by the requests wrk counted).
 # 3. The Check RPC directly with h2load (no Envoy): connector-authz with a warm cache (one
@@ -36,9 +42,14 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 repo=$(pwd)
 
 ROUNDS=${ROUNDS:-3}
+# Distinct valid tokens per A-cold / W-cold run: at least what one run sends (minting takes
+# about a millisecond each, on both cores).
+COLD_TOKENS=${COLD_TOKENS:-30000}
 SECONDS_PER_RUN=${SECONDS_PER_RUN:-10}
 CONNECTIONS=${CONNECTIONS:-16}
 PROFILE=${PROFILE:-0}
+RUNS=${RUNS:-}
+DIRECT=${DIRECT:-1}
 target_dir=${CARGO_TARGET_DIR:-$repo/target}
 OUT_DIR=${OUT_DIR:-$target_dir/load-bench/$(date +%Y%m%d-%H%M%S)}
 mkdir -p "$OUT_DIR"
@@ -60,8 +71,9 @@ command -v wrk >/dev/null && command -v h2load >/dev/null
 say "building release binaries (LTO; minutes when not up to date)"
 cargo build --release --locked --bin connector-authz --example noop_authz \
   --example load_fixture --example cache_rss >&2
-cargo build --release --locked --target wasm32-wasip1 -p connector-authz-wasm >&2
+cargo build --release --locked --target wasm32-wasip1 -p connector-authz-wasm --lib --example noop_filter >&2
 wasm_module=$target_dir/wasm32-wasip1/release/connector_authz_wasm.wasm
+noop_module=$target_dir/wasm32-wasip1/release/examples/noop_filter.wasm
 bin=$target_dir/release
 authz_bin=$bin/connector-authz
 
@@ -78,13 +90,21 @@ hz=$(getconf CLK_TCK)
 # Fixtures and servers
 
 authz_grpc=$(free_port); authz_admin=$(free_port); noop_grpc=$(free_port); same_grpc=$(free_port)
-"$bin/examples/load_fixture" "$OUT_DIR/fixture" "$authz_grpc" "$authz_admin" >/dev/null
+authz1_grpc=$(free_port); authz1_admin=$(free_port)
+cold_runs=2
+[ -n "$RUNS" ] && cold_runs=$( (grep -o -- '-cold' <<<"$RUNS" || true) | wc -l)
+[ "$cold_runs" -gt 0 ] && say "minting $((cold_runs * ROUNDS)) x $COLD_TOKENS distinct valid tokens for the -cold runs"
+"$bin/examples/load_fixture" "$OUT_DIR/fixture" "$authz_grpc" "$authz_admin" $((cold_runs * ROUNDS * COLD_TOKENS)) >/dev/null
+"$bin/examples/load_fixture" "$OUT_DIR/fixture1" "$authz1_grpc" "$authz1_admin" >/dev/null
 fixture=$OUT_DIR/fixture
 token=$(cat "$fixture/token")
 
 start authz "$authz_bin" serve --config "$fixture/authz.yaml"
 authz_pid=$last_pid
 wait_http "http://127.0.0.1:$authz_admin/readyz"
+start authz1 "$authz_bin" --workers 1 serve --config "$OUT_DIR/fixture1/authz.yaml"
+authz1_pid=$last_pid
+wait_http "http://127.0.0.1:$authz1_admin/readyz"
 start noop "$bin/examples/noop_authz" "127.0.0.1:$noop_grpc"
 noop_pid=$last_pid
 wait_port "$noop_grpc"
@@ -108,9 +128,13 @@ render() { # template out KEY=VALUE...
 }
 
 declare -A envoy_port envoy_pid
-for config in A N S B W; do
+configs=(A N S B W WN A1)
+for config in "${configs[@]}"; do
   listen=$(free_port); admin=$(free_port)
   case $config in
+    A1) render benches/envoy/ext-authz.yaml "$OUT_DIR/envoy-A1.yaml" LISTEN_PORT="$listen" ADMIN_PORT="$admin" AUTHZ_PORT="$authz1_grpc" ;;
+    WN) render benches/envoy/wasm.yaml "$OUT_DIR/envoy-WN.yaml" LISTEN_PORT="$listen" ADMIN_PORT="$admin" \
+         AUTHZ_ADMIN_PORT="$authz_admin" WASM_PATH="$noop_module" ;;
     A) render benches/envoy/ext-authz.yaml "$OUT_DIR/envoy-A.yaml" LISTEN_PORT="$listen" ADMIN_PORT="$admin" AUTHZ_PORT="$authz_grpc" ;;
     N) render benches/envoy/ext-authz.yaml "$OUT_DIR/envoy-N.yaml" LISTEN_PORT="$listen" ADMIN_PORT="$admin" AUTHZ_PORT="$noop_grpc" ;;
     S) render benches/envoy/ext-authz.yaml "$OUT_DIR/envoy-S.yaml" LISTEN_PORT="$listen" ADMIN_PORT="$admin" AUTHZ_PORT="$same_grpc" ;;
@@ -141,13 +165,13 @@ for _ in $(seq 100); do
   [ "$code" = 503 ] || break
   sleep 0.1
 done
-for config in A N S B W; do
+for config in "${configs[@]}"; do
   code=$(curl -s -o /dev/null -w '%{http_code}' -X POST "${request_headers[@]}" \
     "http://127.0.0.1:${envoy_port[$config]}/ai/v2/code/completions")
   [ "$code" = 200 ] || { say "config $config answers $code, not 200; see $OUT_DIR"; exit 1; }
   code=$(curl -s -o /dev/null -w '%{http_code}' -X POST \
     "http://127.0.0.1:${envoy_port[$config]}/ai/v2/code/completions")
-  [ "$code" = 401 ] || [ "$config" = N ] || [ "$config" = S ] || { say "config $config lets a request without token through ($code)"; exit 1; }
+  [ "$code" = 401 ] || [ "$config" = N ] || [ "$config" = S ] || [ "$config" = WN ] || { say "config $config lets a request without token through ($code)"; exit 1; }
 done
 
 # ---------------------------------------------------------------------------------------
@@ -164,11 +188,18 @@ to_ms() { # wrk latency like 812.00us, 1.23ms, 1.01s
     else print v }'
 }
 
-run_wrk() { # config round: config is A N S B W, or A-forged / W-forged (distinct forged tokens)
+run_wrk() { # config round: a config of $configs, or A|W-forged / A|W-cold (distinct tokens)
   local config=$1 round=$2 out=$OUT_DIR/wrk-$1-$2.txt server_pid="" before=0
-  local envoy=${config%-forged} script=$wrk_script
-  [ "$config" != "$envoy" ] && script=$forged_script
-  case $envoy in A | W) server_pid=$authz_pid ;; N) server_pid=$noop_pid ;; S) server_pid=$same_pid ;; esac
+  local envoy=${config%-*} script=$wrk_script
+  case $config in
+    *-forged) script=$forged_script ;;
+    *-cold) # this run's own slice of the minted tokens: none was sent before
+      cold_slice=$((cold_slice + 1))
+      script=$OUT_DIR/cold-$config-$round.lua
+      sed "s/@FIRST@/$(( (cold_slice - 1) * COLD_TOKENS + 1 ))/; s/@LAST@/$(( cold_slice * COLD_TOKENS ))/" \
+        "$cold_template" >"$script" ;;
+  esac
+  case $envoy in A | W) server_pid=$authz_pid ;; A1) server_pid=$authz1_pid ;; N) server_pid=$noop_pid ;; S) server_pid=$same_pid ;; esac
   [ -n "$server_pid" ] && before=$(cpu_ticks "$server_pid")
   local envoy_before; envoy_before=$(cpu_ticks "${envoy_pid[$envoy]}")
   wrk -t1 -c"$CONNECTIONS" -d"${SECONDS_PER_RUN}s" --latency --timeout 5s -s "$script" \
@@ -188,6 +219,9 @@ run_wrk() { # config round: config is A N S B W, or A-forged / W-forged (distinc
   local envoy_cpu
   envoy_cpu=$(awk -v a="$envoy_before" -v b="$(cpu_ticks "${envoy_pid[$envoy]}")" -v n="$requests" -v hz="$hz" \
     'BEGIN {printf "%.1f", (b - a) / hz / n * 1e6}')
+  if [[ $config == *-cold ]] && [ "$requests" -gt "$COLD_TOKENS" ]; then
+    say "warning: $config round $round sent $requests requests with $COLD_TOKENS tokens: some were sent twice (raise COLD_TOKENS)"
+  fi
   echo -e "envoy\t$config\t$round\t$rps\t$p50\t$p90\t$p99\t$requests\t$non2xx\t$cpu\t$envoy_cpu" >>"$results"
   say "envoy $config round $round: $rps req/s, p50 ${p50} ms, p99 ${p99} ms, non-2xx $non2xx${cpu:+, server CPU ${cpu} us/req}, Envoy CPU ${envoy_cpu} us/req"
 }
@@ -212,9 +246,33 @@ request = function()
 end
 LUA
 
-say "through Envoy: $ROUNDS rounds of A N S B W A-forged W-forged, ${SECONDS_PER_RUN}s each, -c$CONNECTIONS"
+# Distinct valid tokens: lines @FIRST@..@LAST@ of the fixture's tokens file, in order.
+cold_template=$OUT_DIR/cold.lua.in
+cold_slice=0
+cat >"$cold_template" <<LUA
+local tokens = {}
+local n = 0
+for line in io.lines("$fixture/tokens") do
+  n = n + 1
+  if n > @LAST@ then break end
+  if n >= @FIRST@ then tokens[#tokens + 1] = line end
+end
+local i = 0
+wrk.method = "POST"
+wrk.body = '{"prompt":"def hello"}'
+wrk.headers["Content-Type"] = "application/json"
+request = function()
+  i = i % #tokens + 1
+  wrk.headers["Authorization"] = "Bearer " .. tokens[i]
+  return wrk.format()
+end
+LUA
+
+all_runs=("${configs[@]}" A-forged W-forged A-cold W-cold)
+if [ -n "$RUNS" ]; then read -r -a all_runs <<<"$RUNS"; fi
+say "through Envoy: $ROUNDS rounds of ${all_runs[*]}, ${SECONDS_PER_RUN}s each, -c$CONNECTIONS"
 for round in $(seq "$ROUNDS"); do
-  for config in A N S B W A-forged W-forged; do run_wrk "$config" "$round"; sleep 1; done
+  for config in "${all_runs[@]}"; do run_wrk "$config" "$round"; sleep 1; done
 done
 
 # ---------------------------------------------------------------------------------------
@@ -238,6 +296,7 @@ run_h2load() { # label pid port
   say "h2load $label: $rps req/s ($done done, mean $mean per request), server CPU $cpu us/req"
 }
 
+if [ "$DIRECT" = 1 ]; then
 say "the Check RPC directly (h2load)"
 for round in $(seq "$ROUNDS"); do
   run_h2load "warm-$round" "$authz_pid" "$authz_grpc"
@@ -271,6 +330,10 @@ done
 
 rss_line=$("$bin/examples/cache_rss" 100000)
 echo "$rss_line" >"$OUT_DIR/cache_rss.txt"
+else
+  authz_loaded_hwm=$(vm_kib "$authz_pid" VmHWM)
+  rss_line="(not measured: DIRECT=0)"
+fi
 
 # ---------------------------------------------------------------------------------------
 # Summary: medians (and min..max) per configuration
@@ -304,6 +367,10 @@ n = show("envoy", "N", "N  Envoy ext_authz -> do-nothing")
 s_ = show("envoy", "S", "S  ext_authz -> do-nothing, same answer")
 b = show("envoy", "B", "B  Envoy jwt_authn + RBAC")
 wa = show("envoy", "W", "W  Envoy + the proxy-wasm filter, warm")
+wn = show("envoy", "WN", "WN Envoy + a do-nothing wasm filter")
+a1 = show("envoy", "A1", "A1 ext_authz -> connector-authz, 1 worker")
+ac = show("envoy", "A-cold", "A  ext_authz, distinct valid tokens")
+wc = show("envoy", "W-cold", "W  wasm filter, distinct valid tokens")
 af = show("envoy", "A-forged", "A  ext_authz, distinct forged tokens")
 wf = show("envoy", "W-forged", "W  wasm filter, distinct forged tokens")
 w = show("h2load", "warm", "h2load connector-authz, warm cache")
@@ -320,6 +387,18 @@ if wa and b and n:
     print(f"W/B req/s {wa[0]/b[0]:.3f}   W/N req/s {wa[0]/n[0]:.3f}")
 if wf and af and n:
     print(f"forged flood: W/A req/s {wf[0]/af[0]:.3f}   W-forged/N req/s {wf[0]/n[0]:.3f}")
+if wc and ac and n:
+    print(f"distinct valid tokens: W-cold/A-cold req/s {wc[0]/ac[0]:.3f}   W-cold/N req/s {wc[0]/n[0]:.3f}")
+def envoy_cpu(config):
+    return statistics.median(col("envoy", config, "envoy_cpu_us_per_req") or [float("nan")])
+if wa and wn:
+    print(f"W/WN req/s {wa[0]/wn[0]:.3f}   Envoy CPU per request: W {envoy_cpu('W'):.1f} us, WN {envoy_cpu('WN'):.1f} us, "
+          f"the filter's own {envoy_cpu('W') - envoy_cpu('WN'):.1f} us; B {envoy_cpu('B'):.1f} us, N {envoy_cpu('N'):.1f} us, "
+          f"A {envoy_cpu('A'):.1f} us")
+if wf and af:
+    print(f"Envoy CPU per forged-token request: W {envoy_cpu('W-forged'):.1f} us, A {envoy_cpu('A-forged'):.1f} us")
+if a1 and a:
+    print(f"A1/A req/s {a1[0]/a[0]:.3f}   A1/A p99 {a1[1]/a[1]:.3f}   A1/A server CPU per Check {a1[2]/a[2]:.2f}")
 if w and o:
     print(f"h2load warm/do-nothing req/s {w[0]/o[0]:.3f}   CPU per Check {w[2]/o[2]:.2f}")
 if w and so:

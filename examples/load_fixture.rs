@@ -1,9 +1,10 @@
 //! Writes what `benches/load.sh` needs into a directory: the issuer's key set (`jwks.json`),
 //! connector-authz configurations with and without the token cache, a token shaped like a
 //! CustomersDot service token (`token`), and that request as a gRPC-framed `CheckRequest`
-//! body (`check.bin`) for h2load, built the way Envoy's ext_authz filter builds it.
+//! body (`check.bin`) for h2load, built the way Envoy's ext_authz filter builds it; with
+//! TOKENS, that many distinct valid tokens, one per line (`tokens`), minted on every core.
 //!
-//!   cargo run --release --example load_fixture -- DIR GRPC_PORT ADMIN_PORT
+//!   cargo run --release --example load_fixture -- DIR GRPC_PORT ADMIN_PORT [TOKENS]
 
 #[path = "../benches/common/mod.rs"]
 mod common;
@@ -20,8 +21,10 @@ use prost::Message;
 
 fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    let [dir, grpc, admin] = args.as_slice() else {
-        anyhow::bail!("usage: load_fixture DIR GRPC_PORT ADMIN_PORT");
+    let (dir, grpc, admin, count) = match args.as_slice() {
+        [dir, grpc, admin] => (dir, grpc, admin, 0),
+        [dir, grpc, admin, count] => (dir, grpc, admin, count.parse::<usize>()?),
+        _ => anyhow::bail!("usage: load_fixture DIR GRPC_PORT ADMIN_PORT [TOKENS]"),
     };
     let dir = Path::new(dir);
     std::fs::create_dir_all(dir)?;
@@ -40,8 +43,37 @@ fn main() -> anyhow::Result<()> {
     let token = common::token("load-1");
     std::fs::write(dir.join("token"), &token)?;
     std::fs::write(dir.join("check.bin"), grpc_frame(&check_request(&token)))?;
+    if count > 0 {
+        std::fs::write(dir.join("tokens"), distinct_tokens(count))?;
+    }
     println!("{}", dir.display());
     Ok(())
+}
+
+/// `count` valid tokens that differ in their `jti`, one per line, signed on every core.
+fn distinct_tokens(count: usize) -> String {
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let per_thread = count.div_ceil(threads);
+    let parts: Vec<String> = std::thread::scope(|scope| {
+        let workers: Vec<_> = (0..threads)
+            .map(|t| {
+                scope.spawn(move || {
+                    let range = t * per_thread..((t + 1) * per_thread).min(count);
+                    let mut lines = String::new();
+                    for i in range {
+                        lines.push_str(&common::token(&format!("cold-{i}")));
+                        lines.push('\n');
+                    }
+                    lines
+                })
+            })
+            .collect();
+        workers
+            .into_iter()
+            .map(|w| w.join().expect("a minting thread panicked"))
+            .collect()
+    });
+    parts.concat()
 }
 
 /// A CheckRequest as Envoy 1.40 sends it for `POST /ai/v2/code/completions` with the

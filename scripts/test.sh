@@ -49,9 +49,9 @@ check_core_tree
 check_core_tree --no-default-features --features rust-crypto
 cargo build -p "$core" --locked --target wasm32-wasip1 --no-default-features --features rust-crypto
 # The proxy-wasm filter (the e2e tests of tests/e2e_wasm.rs load this module into Envoy).
-cargo build -p connector-authz-wasm --release --locked --target wasm32-wasip1
+cargo build -p connector-authz-wasm --release --locked --target wasm32-wasip1 --lib --example noop_filter
 if [ "$quick" = 0 ]; then
-  cargo clippy -p connector-authz-wasm --target wasm32-wasip1 --locked -- -D warnings
+  cargo clippy -p connector-authz-wasm --target wasm32-wasip1 --locked --lib --examples -- -D warnings
 fi
 
 cargo test --workspace --all-targets --locked

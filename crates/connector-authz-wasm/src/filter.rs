@@ -41,7 +41,7 @@ fn log(level: LogLevel, message: &str) {
 /// What the root and every request of one VM share.
 struct Shared {
     /// `None` until a valid plugin configuration is in: every request then fails closed.
-    config: Option<PluginConfig>,
+    config: Option<Rc<PluginConfig>>,
     feed: Option<Rc<CompiledFeed>>,
     etag: Option<String>,
     cache: VerifiedCache,
@@ -179,7 +179,7 @@ impl RootContext for Root {
         let bytes = self.get_plugin_configuration().unwrap_or_default();
         match PluginConfig::parse(&bytes) {
             Ok(config) => {
-                self.shared.borrow_mut().config = Some(config);
+                self.shared.borrow_mut().config = Some(Rc::new(config));
                 self.set_tick_period(TICK);
                 self.poll();
                 true
@@ -240,21 +240,24 @@ fn decide_and_apply(
     shared: &Rc<RefCell<Shared>>,
     verified: Option<(TokenDigest, Result<Arc<VerifiedToken>, Denied>)>,
 ) -> StepTaken {
-    let headers = hostcalls::get_map(MapType::HttpRequestHeaders).unwrap_or_default();
+    let request = hostcalls::get_map(MapType::HttpRequestHeaders).unwrap_or_default();
     let now = hostcalls::get_current_time().unwrap_or(SystemTime::UNIX_EPOCH);
-    let next = {
+    let (next, config) = {
         let mut guard = shared.borrow_mut();
         let shared = &mut *guard;
-        if shared.config.is_none() {
-            step(None, &mut shared.cache, &headers, now, None)
-        } else {
-            let feed = shared.feed.clone();
-            step(feed.as_deref(), &mut shared.cache, &headers, now, verified)
+        match &shared.config {
+            None => (step(None, &mut shared.cache, &request, now, None), None),
+            Some(config) => {
+                let config = Rc::clone(config);
+                let feed = shared.feed.clone();
+                let next = step(feed.as_deref(), &mut shared.cache, &request, now, verified);
+                (next, Some(config))
+            }
         }
     };
     match next {
         Step::Deny { response, facts } => {
-            record(&facts);
+            record(config.as_deref(), &facts);
             let _ = hostcalls::send_http_response(
                 u32::from(response.status),
                 response.headers,
@@ -263,12 +266,16 @@ fn decide_and_apply(
             StepTaken::Answered
         }
         Step::Allow { headers, facts } => {
-            record(&facts);
+            record(config.as_deref(), &facts);
             for (name, value) in &headers.set {
                 let _ = hostcalls::set_map_value(MapType::HttpRequestHeaders, name, Some(value));
             }
+            // A header the client did not send needs no host call to remove (Envoy's map
+            // holds lowercase names, as the request was read a moment ago).
             for name in &headers.remove {
-                let _ = hostcalls::set_map_value(MapType::HttpRequestHeaders, name, None);
+                if request.iter().any(|(n, _)| n.eq_ignore_ascii_case(name)) {
+                    let _ = hostcalls::set_map_value(MapType::HttpRequestHeaders, name, None);
+                }
             }
             StepTaken::Allowed
         }
@@ -282,10 +289,14 @@ enum StepTaken {
     Verify { digest: TokenDigest, raw: String },
 }
 
-/// The decision's facts as filter state (`connector_authz.decision`, `.reason`, ...) for
-/// the access log.
-fn record(facts: &[(&'static str, String)]) {
+/// The decision's facts that the plugin configuration names (by default decision, reason
+/// and backend) as filter state (`connector_authz.decision`, `.reason`, ...) for the
+/// access log. Without a configuration (the filter refuses everything) all are recorded.
+fn record(config: Option<&PluginConfig>, facts: &[(&'static str, String)]) {
     for (name, value) in facts {
+        if config.is_some_and(|c| !c.records(name)) {
+            continue;
+        }
         let _ = hostcalls::set_property(
             vec![&format!("connector_authz.{name}")],
             Some(value.as_bytes()),

@@ -1,22 +1,35 @@
 //! The filter's verified tokens, per VM: what the sidecar's `/v1/verify` answered for a
-//! token, kept until the token's `exp` + leeway, keyed by the token's SHA-256 (the cache
-//! holds no tokens). Bounded in entries; an entry whose key the issuer no longer has (by
+//! token, kept until the token's `exp` + leeway, keyed by a BLAKE3 digest of the token
+//! under a key random per VM (the cache holds no tokens, and no one can construct two
+//! tokens with one digest without knowing the key). Bounded in entries; an entry whose key the issuer no longer has (by
 //! the snapshot's fingerprints) is not used and is dropped, so the token is verified again.
 //! Only verified tokens are kept: a flood of forged tokens cannot push good ones out.
 
 use std::collections::HashMap;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use connector_authz_core::feed::CompiledFeed;
 use connector_authz_core::token_cache::VerifiedToken;
-use sha2::{Digest, Sha256};
-
 /// A token's cache key.
 pub type TokenDigest = [u8; 32];
 
+/// The token's keyed digest. The key is drawn once per VM; should the host give no
+/// randomness, the digest is plain BLAKE3, which is still collision resistant: the key
+/// only adds that no one outside the VM can even compute a digest.
 pub fn digest(raw: &str) -> TokenDigest {
-    Sha256::digest(raw.as_bytes()).into()
+    static KEY: OnceLock<[u8; 32]> = OnceLock::new();
+    let key = KEY.get_or_init(|| {
+        let mut key = [0u8; 32];
+        if getrandom::fill(&mut key).is_err() {
+            key = [0u8; 32];
+        }
+        key
+    });
+    blake3::keyed_hash(key, raw.as_bytes()).into()
 }
+
+/// A full cache evicts this fraction of its entries at once (the eighth closest to expiry).
+const EVICT_FRACTION: usize = 8;
 
 pub struct VerifiedCache {
     entries: HashMap<TokenDigest, Entry>,
@@ -62,7 +75,9 @@ impl VerifiedCache {
 
     /// Keeps `token` until its `exp` + `leeway`; one already past it, or without `exp`
     /// (which the decision denies anyway), is not kept. When full, expired entries go
-    /// first, then the one closest to expiry.
+    /// first, then the eighth of the entries closest to expiry: a pass over the entries
+    /// pays for many inserts, so a stream of new tokens into a full cache (many instances,
+    /// or a restart of the fleet) costs a few entries' work per token, not the cache's size.
     pub fn insert(&mut self, key: TokenDigest, token: Arc<VerifiedToken>, now: i64, leeway: i64) {
         let Some(exp) = token.claims.exp else { return };
         let expires_at = exp.saturating_add(leeway);
@@ -71,17 +86,33 @@ impl VerifiedCache {
         }
         if self.entries.len() >= self.capacity && !self.entries.contains_key(&key) {
             self.entries.retain(|_, e| now < e.expires_at);
-            if self.entries.len() >= self.capacity
-                && let Some(soonest) = self
-                    .entries
-                    .iter()
-                    .min_by_key(|(_, e)| e.expires_at)
-                    .map(|(k, _)| *k)
-            {
-                self.entries.remove(&soonest);
+            if self.entries.len() >= self.capacity {
+                self.evict_soonest((self.capacity / EVICT_FRACTION).max(1));
             }
         }
         self.entries.insert(key, Entry { token, expires_at });
+    }
+
+    /// Drops the `count` entries closest to expiry (ties broken arbitrarily).
+    fn evict_soonest(&mut self, count: usize) {
+        let mut expiries: Vec<i64> = self.entries.values().map(|e| e.expires_at).collect();
+        let count = count.min(expiries.len());
+        if count == 0 {
+            return;
+        }
+        let (_, &mut cutoff, _) = expiries.select_nth_unstable(count - 1);
+        // Everything before the cutoff goes, then entries at the cutoff until `count` went.
+        let mut at_cutoff = count - expiries[..count].iter().filter(|&&e| e < cutoff).count();
+        self.entries.retain(|_, e| {
+            if e.expires_at < cutoff {
+                false
+            } else if e.expires_at == cutoff && at_cutoff > 0 {
+                at_cutoff -= 1;
+                false
+            } else {
+                true
+            }
+        });
     }
 
     /// Drops the entries whose key `feed` no longer lists (a new snapshot arrived).
@@ -155,6 +186,39 @@ mod tests {
         assert!(cache.get(&b, &feed(&[8]), 1).is_some());
         cache.retain_current(&feed(&[9]));
         assert!(cache.is_empty());
+    }
+
+    #[test]
+    fn a_full_cache_evicts_an_eighth_of_its_entries_closest_to_expiry() {
+        let feed = feed(&[7]);
+        let mut cache = VerifiedCache::new(16);
+        for i in 0..16 {
+            cache.insert(digest(&format!("t{i}")), token(1000 + i, 7), 0, 0);
+        }
+        assert_eq!(cache.len(), 16);
+        cache.insert(digest("new"), token(5000, 7), 0, 0);
+        // 16 / 8 = 2 went: the two closest to expiry (t0, t1); the new one is in.
+        assert_eq!(cache.len(), 15);
+        assert!(cache.get(&digest("t0"), &feed, 1).is_none());
+        assert!(cache.get(&digest("t1"), &feed, 1).is_none());
+        for i in 2..16 {
+            assert!(
+                cache.get(&digest(&format!("t{i}")), &feed, 1).is_some(),
+                "t{i}"
+            );
+        }
+        assert!(cache.get(&digest("new"), &feed, 1).is_some());
+    }
+
+    #[test]
+    fn eviction_at_equal_expiries_drops_exactly_the_batch() {
+        let mut cache = VerifiedCache::new(16);
+        for i in 0..16 {
+            cache.insert(digest(&format!("t{i}")), token(1000, 7), 0, 0);
+        }
+        cache.insert(digest("new"), token(1000, 7), 0, 0);
+        assert_eq!(cache.len(), 15);
+        assert!(cache.get(&digest("new"), &feed(&[7]), 1).is_some());
     }
 
     #[test]
