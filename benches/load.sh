@@ -22,9 +22,9 @@
 #    distinct *valid* token on every request (minted by the fixture, COLD_TOKENS per run, no
 #    token sent twice within a run). WN = a do-nothing proxy-wasm filter (the example
 #    noop_filter: reads three headers, looks the token up in a set, sets one header), the
-#    baseline for what the filter itself costs Envoy. A1 = ext_authz -> a second
-#    connector-authz with --workers 1 (a current-thread runtime), beside A (the default,
-#    two workers on this machine). Envoy's CPU per request is measured for every
+#    baseline for what the filter itself costs Envoy. A2 = ext_authz -> a second
+#    connector-authz with --workers 2 (a multi-thread runtime), beside A (the default:
+#    `auto`, one thread on a machine with 2 CPUs). Envoy's CPU per request is measured for every
 #    configuration.
 # 2. CPU seconds per Check of connector-authz and of the do-nothing server (utime + stime
 #    from /proc/PID/stat over each run, divided by the requests wrk counted).
@@ -90,21 +90,21 @@ hz=$(getconf CLK_TCK)
 # Fixtures and servers
 
 authz_grpc=$(free_port); authz_admin=$(free_port); noop_grpc=$(free_port); same_grpc=$(free_port)
-authz1_grpc=$(free_port); authz1_admin=$(free_port)
+authz2_grpc=$(free_port); authz2_admin=$(free_port)
 cold_runs=2
 [ -n "$RUNS" ] && cold_runs=$( (grep -o -- '-cold' <<<"$RUNS" || true) | wc -l)
 [ "$cold_runs" -gt 0 ] && say "minting $((cold_runs * ROUNDS)) x $COLD_TOKENS distinct valid tokens for the -cold runs"
 "$bin/examples/load_fixture" "$OUT_DIR/fixture" "$authz_grpc" "$authz_admin" $((cold_runs * ROUNDS * COLD_TOKENS)) >/dev/null
-"$bin/examples/load_fixture" "$OUT_DIR/fixture1" "$authz1_grpc" "$authz1_admin" >/dev/null
+"$bin/examples/load_fixture" "$OUT_DIR/fixture2" "$authz2_grpc" "$authz2_admin" >/dev/null
 fixture=$OUT_DIR/fixture
 token=$(cat "$fixture/token")
 
 start authz "$authz_bin" serve --config "$fixture/authz.yaml"
 authz_pid=$last_pid
 wait_http "http://127.0.0.1:$authz_admin/readyz"
-start authz1 "$authz_bin" --workers 1 serve --config "$OUT_DIR/fixture1/authz.yaml"
-authz1_pid=$last_pid
-wait_http "http://127.0.0.1:$authz1_admin/readyz"
+start authz2 "$authz_bin" --workers 2 serve --config "$OUT_DIR/fixture2/authz.yaml"
+authz2_pid=$last_pid
+wait_http "http://127.0.0.1:$authz2_admin/readyz"
 start noop "$bin/examples/noop_authz" "127.0.0.1:$noop_grpc"
 noop_pid=$last_pid
 wait_port "$noop_grpc"
@@ -128,11 +128,11 @@ render() { # template out KEY=VALUE...
 }
 
 declare -A envoy_port envoy_pid
-configs=(A N S B W WN A1)
+configs=(A N S B W WN A2)
 for config in "${configs[@]}"; do
   listen=$(free_port); admin=$(free_port)
   case $config in
-    A1) render benches/envoy/ext-authz.yaml "$OUT_DIR/envoy-A1.yaml" LISTEN_PORT="$listen" ADMIN_PORT="$admin" AUTHZ_PORT="$authz1_grpc" ;;
+    A2) render benches/envoy/ext-authz.yaml "$OUT_DIR/envoy-A2.yaml" LISTEN_PORT="$listen" ADMIN_PORT="$admin" AUTHZ_PORT="$authz2_grpc" ;;
     WN) render benches/envoy/wasm.yaml "$OUT_DIR/envoy-WN.yaml" LISTEN_PORT="$listen" ADMIN_PORT="$admin" \
          AUTHZ_ADMIN_PORT="$authz_admin" WASM_PATH="$noop_module" ;;
     A) render benches/envoy/ext-authz.yaml "$OUT_DIR/envoy-A.yaml" LISTEN_PORT="$listen" ADMIN_PORT="$admin" AUTHZ_PORT="$authz_grpc" ;;
@@ -199,7 +199,7 @@ run_wrk() { # config round: a config of $configs, or A|W-forged / A|W-cold (dist
       sed "s/@FIRST@/$(( (cold_slice - 1) * COLD_TOKENS + 1 ))/; s/@LAST@/$(( cold_slice * COLD_TOKENS ))/" \
         "$cold_template" >"$script" ;;
   esac
-  case $envoy in A | W) server_pid=$authz_pid ;; A1) server_pid=$authz1_pid ;; N) server_pid=$noop_pid ;; S) server_pid=$same_pid ;; esac
+  case $envoy in A | W) server_pid=$authz_pid ;; A2) server_pid=$authz2_pid ;; N) server_pid=$noop_pid ;; S) server_pid=$same_pid ;; esac
   [ -n "$server_pid" ] && before=$(cpu_ticks "$server_pid")
   local envoy_before; envoy_before=$(cpu_ticks "${envoy_pid[$envoy]}")
   wrk -t1 -c"$CONNECTIONS" -d"${SECONDS_PER_RUN}s" --latency --timeout 5s -s "$script" \
@@ -368,7 +368,7 @@ s_ = show("envoy", "S", "S  ext_authz -> do-nothing, same answer")
 b = show("envoy", "B", "B  Envoy jwt_authn + RBAC")
 wa = show("envoy", "W", "W  Envoy + the proxy-wasm filter, warm")
 wn = show("envoy", "WN", "WN Envoy + a do-nothing wasm filter")
-a1 = show("envoy", "A1", "A1 ext_authz -> connector-authz, 1 worker")
+a2 = show("envoy", "A2", "A2 ext_authz -> connector-authz, 2 workers")
 ac = show("envoy", "A-cold", "A  ext_authz, distinct valid tokens")
 wc = show("envoy", "W-cold", "W  wasm filter, distinct valid tokens")
 af = show("envoy", "A-forged", "A  ext_authz, distinct forged tokens")
@@ -397,8 +397,8 @@ if wa and wn:
           f"A {envoy_cpu('A'):.1f} us")
 if wf and af:
     print(f"Envoy CPU per forged-token request: W {envoy_cpu('W-forged'):.1f} us, A {envoy_cpu('A-forged'):.1f} us")
-if a1 and a:
-    print(f"A1/A req/s {a1[0]/a[0]:.3f}   A1/A p99 {a1[1]/a[1]:.3f}   A1/A server CPU per Check {a1[2]/a[2]:.2f}")
+if a2 and a:
+    print(f"A2/A req/s {a2[0]/a[0]:.3f}   A2/A p99 {a2[1]/a[1]:.3f}   A2/A server CPU per Check {a2[2]/a[2]:.2f}")
 if w and o:
     print(f"h2load warm/do-nothing req/s {w[0]/o[0]:.3f}   CPU per Check {w[2]/o[2]:.2f}")
 if w and so:
