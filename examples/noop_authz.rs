@@ -1,8 +1,8 @@
 //! The do-nothing ext_authz server: the ceiling every load figure of connector-authz is
 //! held against (BENCHMARKS.md). It is built from the same `proto/` types, the same tonic
-//! stack, listener (`transport::CoalescingIncoming`, TCP_NODELAY) and runtime shape (two
-//! worker threads) as connector-authz, decodes each CheckRequest in full, and answers
-//! every Check with OK without looking at it.
+//! stack, listener (`transport::CoalescingIncoming`, TCP_NODELAY) and runtime shape
+//! (`--workers auto`'s, so one thread on 2 CPUs) as connector-authz, decodes each
+//! CheckRequest in full, and answers every Check with OK without looking at it.
 //!
 //!   cargo run --release --example noop_authz -- 127.0.0.1:9291 [--same-answer]
 //!
@@ -76,8 +76,15 @@ fn main() -> anyhow::Result<()> {
         .map_or("127.0.0.1:9291", String::as_str)
         .parse()?;
     let same_answer = args.iter().any(|a| a == "--same-answer");
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
+    let mut runtime = match connector_authz::cli::Workers::Auto.threads() {
+        1 => tokio::runtime::Builder::new_current_thread(),
+        n => {
+            let mut builder = tokio::runtime::Builder::new_multi_thread();
+            builder.worker_threads(n);
+            builder
+        }
+    };
+    runtime
         .enable_all()
         .build()?
         .block_on(serve(addr, answer(same_answer)))
