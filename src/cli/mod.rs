@@ -62,10 +62,10 @@ impl Workers {
     }
 
     /// `auto` with `cpus` CPUs to share: one thread up to 2 CPUs, else [`Self::AUTO_MAX`].
-    /// Measured beside Envoy on 2 CPUs (BENCHMARKS.md, benches/load.sh A1 against A): the
-    /// current-thread runtime answered as many Checks with 30-40 % less CPU per Check and a
-    /// lower p99, since a Check never wakes a second thread and the two CPUs stay with
-    /// Envoy and the client.
+    /// Measured beside Envoy on 2 CPUs (BENCHMARKS.md, benches/load.sh A against A2): the
+    /// current-thread runtime spent 20-40 % less CPU per Check for the same throughput
+    /// within the noise, since a Check never wakes a second thread and the two CPUs stay
+    /// with Envoy and the client.
     pub fn auto_for(cpus: usize) -> usize {
         if cpus <= 2 { 1 } else { Self::AUTO_MAX }
     }
