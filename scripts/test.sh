@@ -58,7 +58,7 @@ cargo test --workspace --all-targets --locked
 # The tests that need Envoy or promtool are #[ignore]d (a developer may not have them):
 # here, where the tools were just installed, they run, and a missing tool fails them.
 # With --quick nothing was installed: they run only when the tools are there already.
-tool_tests=(--test e2e_envoy --test e2e_wasm --test operability)
+tool_tests=(--test e2e_envoy --test e2e_wasm --test e2e_tls --test operability)
 if [ "$quick" = 0 ]; then
   cargo test --locked "${tool_tests[@]}" -- --ignored
 elif [ -n "${ENVOY_BIN:-}" ] || [ -x .venv/bin/python ] && command -v promtool >/dev/null 2>&1; then

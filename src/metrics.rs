@@ -11,6 +11,8 @@
 //! | `connector_authz_config_reloads_total` | counter | `result` (success, error) |
 //! | `connector_authz_deprecated_unit_primitive_requests_total` | counter | `unit_primitive` |
 //! | `connector_authz_token_cache_hits_total`, `..._misses_total` | counter | |
+//! | `connector_authz_tls_handshake_failures_total` | counter | `listener` (grpc, admin) |
+//! | `connector_authz_tls_reloads_total` | counter | `listener`, `result` (success, error) |
 //! | `connector_authz_build_info` | gauge, always 1 | `version` |
 //!
 //! The key metrics are read at scrape time from the current snapshot and the key
@@ -85,6 +87,17 @@ struct ResultLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ListenerLabels {
+    listener: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ListenerResultLabels {
+    listener: &'static str,
+    result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct UnitPrimitiveLabels {
     unit_primitive: String,
 }
@@ -115,6 +128,8 @@ pub struct Metrics {
     token_cache_hits: Counter,
     token_cache_misses: Counter,
     registry_unknown_fields: Gauge,
+    tls_handshake_failures: Family<ListenerLabels, Counter>,
+    tls_reloads: Family<ListenerResultLabels, Counter>,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -185,6 +200,18 @@ impl Metrics {
             "Fields of the loaded unit primitive registry's files that were not understood and were skipped (each is logged once at load)",
             registry_unknown_fields.clone(),
         );
+        let tls_handshake_failures = Family::<ListenerLabels, Counter>::default();
+        registry.register(
+            "tls_handshake_failures",
+            "TLS handshakes that failed or timed out, by listener (each is logged at debug)",
+            tls_handshake_failures.clone(),
+        );
+        let tls_reloads = Family::<ListenerResultLabels, Counter>::default();
+        registry.register(
+            "tls_reloads",
+            "Reloads of a listener's certificate files (changed files or a configuration reload), by result",
+            tls_reloads.clone(),
+        );
         let build_info = Family::<VersionLabels, Gauge>::default();
         build_info
             .get_or_create(&VersionLabels {
@@ -208,6 +235,8 @@ impl Metrics {
             token_cache_hits,
             token_cache_misses,
             registry_unknown_fields,
+            tls_handshake_failures,
+            tls_reloads,
         }
     }
 
@@ -257,6 +286,33 @@ impl Metrics {
         let result = if ok { "success" } else { "error" };
         self.config_reloads
             .get_or_create(&ResultLabels { result })
+            .inc();
+    }
+
+    /// Shows a TLS listener's counters from the start, at 0, so that a rate() over them works.
+    pub(crate) fn tls_listener(&self, listener: &'static str) {
+        drop(
+            self.tls_handshake_failures
+                .get_or_create(&ListenerLabels { listener }),
+        );
+        for result in ["success", "error"] {
+            drop(
+                self.tls_reloads
+                    .get_or_create(&ListenerResultLabels { listener, result }),
+            );
+        }
+    }
+
+    pub(crate) fn tls_handshake_failed(&self, listener: &'static str) {
+        self.tls_handshake_failures
+            .get_or_create(&ListenerLabels { listener })
+            .inc();
+    }
+
+    pub(crate) fn tls_reloaded(&self, listener: &'static str, ok: bool) {
+        let result = if ok { "success" } else { "error" };
+        self.tls_reloads
+            .get_or_create(&ListenerResultLabels { listener, result })
             .inc();
     }
 

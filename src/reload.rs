@@ -25,6 +25,7 @@ use crate::decide::Snapshot;
 use crate::keys::refresh::KeyPublisher;
 use crate::keys::{KeyManager, KeySnapshot};
 use crate::metrics::Metrics;
+use crate::tls::ServerTls;
 
 impl KeyPublisher for ArcSwap<Snapshot> {
     fn keys(&self) -> Arc<KeySnapshot> {
@@ -84,6 +85,9 @@ pub(crate) struct Reloader {
     path: PathBuf,
     /// The listen addresses at start; a reload cannot move them.
     listen: Listen,
+    /// The gRPC and admin listeners' TLS settings, when they serve TLS: a reload reads
+    /// their files again (from the paths the reloaded configuration gives).
+    tls: [Option<Arc<ServerTls>>; 2],
     snapshot: Arc<ArcSwap<Snapshot>>,
     keys: Arc<KeyManager>,
     metrics: Arc<Metrics>,
@@ -98,6 +102,7 @@ impl Reloader {
     pub(crate) fn new(
         path: PathBuf,
         listen: Listen,
+        tls: [Option<Arc<ServerTls>>; 2],
         snapshot: Arc<ArcSwap<Snapshot>>,
         keys: Arc<KeyManager>,
         metrics: Arc<Metrics>,
@@ -105,6 +110,7 @@ impl Reloader {
         Self {
             path,
             listen,
+            tls,
             snapshot,
             keys,
             metrics,
@@ -137,7 +143,7 @@ impl Reloader {
         if let Some(adjust) = self.adjust.get() {
             adjust(&mut config);
         }
-        if config.listen != self.listen {
+        if !config.listen.same_addresses(&self.listen) {
             tracing::warn!(
                 grpc = %config.listen.grpc,
                 admin = %config.listen.admin,
@@ -145,11 +151,36 @@ impl Reloader {
             );
         }
         let (issuers, routes) = (config.issuers.len(), config.routes.routes().len());
+        let listen = config.listen.clone();
         self.metrics.registry_loaded(config.registry.as_deref());
         swap_config(&self.snapshot, &self.keys, Arc::new(config)).await;
         self.metrics.config_reloaded(true);
         tracing::info!(issuers, routes, path = %self.path.display(), "configuration reloaded");
+        self.reload_tls(&listen).await;
         Ok(())
+    }
+
+    /// Reads the TLS listeners' certificate files again, from the paths `listen` gives.
+    /// A file that cannot be used is logged and counted by [`ServerTls::reload`], and the
+    /// certificate in use stays: it does not undo the configuration reload.
+    async fn reload_tls(&self, listen: &Listen) {
+        let configured = [
+            (&listen.tls, "listen.tls"),
+            (&listen.admin_tls, "listen.admin_tls"),
+        ];
+        for (tls, (files, key)) in self.tls.iter().zip(configured) {
+            match (tls, files) {
+                (Some(tls), Some(files)) => {
+                    let (tls, files) = (Arc::clone(tls), files.clone());
+                    let _ = tokio::task::spawn_blocking(move || tls.reload(Some(&files))).await;
+                }
+                (None, None) => {}
+                (Some(_), None) | (None, Some(_)) => tracing::warn!(
+                    key,
+                    "TLS cannot be turned on or off on reload; restart connector-authz to change it (the listener keeps serving as it started)"
+                ),
+            }
+        }
     }
 
     /// Reloads whenever the configuration file's contents change, looking every `every`,

@@ -3,6 +3,10 @@
 //! port and the admin endpoints ([`crate::admin`]) on the admin port, reload the
 //! configuration when asked ([`crate::reload`]), and drain on the way out.
 //!
+//! With `listen.tls` (`listen.admin_tls`) a listener serves TLS ([`crate::tls`]): its
+//! certificate files are read again on a reload and when they change
+//! ([`Running::watch_tls`]). Without it, it is plain TCP as it always was.
+//!
 //! Shutting down ([`Running::shutdown_within`]) goes in this order: readiness turns to
 //! 503 and gRPC health to `NOT_SERVING` ([`Running::stop_being_ready`], which the command
 //! line calls first and then keeps answering Checks for `serve --shutdown-delay`, so that
@@ -30,6 +34,7 @@ use crate::grpc::AuthzService;
 use crate::keys::{KeyManager, KeyRefresher};
 use crate::metrics::Metrics;
 use crate::reload::Reloader;
+use crate::tls::{Listener, ServerTls, TlsIncoming};
 use crate::transport::CoalescingIncoming;
 
 /// The gRPC service name that health checks ask about, besides the server as a whole ("").
@@ -50,6 +55,8 @@ pub struct Running {
     pub keys: Arc<KeyManager>,
     pub metrics: Arc<Metrics>,
     reloader: Arc<Reloader>,
+    /// The listeners that serve TLS: their certificate files are watched.
+    tls: Vec<Arc<ServerTls>>,
     health: tonic_health::server::HealthReporter,
     /// `true` once shutdown began: readiness answers 503 from then on.
     draining: watch::Sender<bool>,
@@ -83,6 +90,15 @@ impl Running {
     pub fn watch_config(&mut self, every: Duration) {
         let task = self.reloader.watch(every, self.stop_rest.subscribe());
         self.tasks.push(task);
+    }
+
+    /// Reloads a TLS listener's certificate files whenever their contents change, looking
+    /// every `every` (see [`crate::tls`]). Does nothing when no listener serves TLS.
+    pub fn watch_tls(&mut self, every: Duration) {
+        if !self.tls.is_empty() {
+            let task = crate::tls::watch(self.tls.clone(), every, self.stop_rest.subscribe());
+            self.tasks.push(task);
+        }
     }
 
     /// [`Running::shutdown_within`] the [`DEFAULT_DRAIN_TIMEOUT`].
@@ -138,7 +154,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         .map_err(|e| anyhow::anyhow!("cannot listen for admin on {}: {e}", config.listen.admin))?;
     let grpc_addr = grpc_listener.local_addr()?;
     let admin_addr = admin_listener.local_addr()?;
-    let listen = config.listen;
+    let listen = config.listen.clone();
     let config_path = config.source.clone();
 
     // Keys start empty: the key manager fills them in (files and cache at once, the
@@ -152,6 +168,24 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
     keys.initial_load().await;
     let metrics = Arc::new(Metrics::with_keys(snapshot.clone(), keys.clone()));
     metrics.registry_loaded(snapshot.load().config.registry.as_deref());
+    let load_tls = |listener: Listener, files: &Option<crate::config::TlsFiles>| {
+        files
+            .as_ref()
+            .map(|files| ServerTls::load(listener, files, metrics.clone()).map(Arc::new))
+            .transpose()
+            .map_err(|e| e.in_config(&config_path))
+    };
+    let tls = load_tls(Listener::Grpc, &listen.tls)
+        .and_then(|grpc| Ok((grpc, load_tls(Listener::Admin, &listen.admin_tls)?)));
+    let (grpc_tls, admin_tls) = match tls {
+        Ok(tls) => tls,
+        Err(e) => {
+            keys.shutdown().await;
+            return Err(e.into());
+        }
+    };
+    let grpc_incoming = Incoming::new(grpc_listener, grpc_tls.as_ref())?;
+    let admin_incoming = Incoming::new(admin_listener, admin_tls.as_ref())?;
     let (stop_grpc, grpc_stopped) = watch::channel(false);
     let (stop_rest, rest_stopped) = watch::channel(false);
     let (draining, draining_rx) = watch::channel(false);
@@ -169,18 +203,27 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
     let grpc_task = {
         let mut stopped = grpc_stopped;
         tokio::spawn(async move {
-            let result = tonic::transport::Server::builder()
+            let server = tonic::transport::Server::builder()
                 .add_service(health_service)
-                .add_service(authz)
-                .serve_with_incoming_shutdown(
-                    CoalescingIncoming::new(
-                        TcpIncoming::from(grpc_listener).with_nodelay(Some(true)),
-                    ),
-                    async move {
-                        let _ = stopped.wait_for(|s| *s).await;
-                    },
-                )
-                .await;
+                .add_service(authz);
+            let stopped = async move {
+                let _ = stopped.wait_for(|s| *s).await;
+            };
+            let result = match grpc_incoming {
+                Incoming::Plain(listener) => {
+                    server
+                        .serve_with_incoming_shutdown(
+                            CoalescingIncoming::new(
+                                TcpIncoming::from(listener).with_nodelay(Some(true)),
+                            ),
+                            stopped,
+                        )
+                        .await
+                }
+                Incoming::Tls(incoming) => {
+                    server.serve_with_incoming_shutdown(incoming, stopped).await
+                }
+            };
             if let Err(e) = result {
                 tracing::error!(error = %e, "the gRPC server stopped with an error");
             }
@@ -195,20 +238,37 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         })
         .merge(crate::filter_feed::Feed::new(snapshot.clone(), Some(keys.clone())).routes());
         tokio::spawn(async move {
-            let result = axum::serve(admin_listener, app)
-                .with_graceful_shutdown(async move {
-                    let _ = stopped.wait_for(|s| *s).await;
-                })
-                .await;
+            let stopped = async move {
+                let _ = stopped.wait_for(|s| *s).await;
+            };
+            let result = match admin_incoming {
+                Incoming::Plain(listener) => {
+                    axum::serve(listener, app)
+                        .with_graceful_shutdown(stopped)
+                        .await
+                }
+                Incoming::Tls(incoming) => {
+                    axum::serve(incoming, app)
+                        .with_graceful_shutdown(stopped)
+                        .await
+                }
+            };
             if let Err(e) = result {
                 tracing::error!(error = %e, "the admin server stopped with an error");
             }
         })
     };
-    tracing::info!(%grpc_addr, %admin_addr, "connector-authz is serving");
+    tracing::info!(
+        %grpc_addr,
+        %admin_addr,
+        grpc_tls = grpc_tls.is_some(),
+        admin_tls = admin_tls.is_some(),
+        "connector-authz is serving"
+    );
     let reloader = Arc::new(Reloader::new(
         config_path,
         listen,
+        [grpc_tls.clone(), admin_tls.clone()],
         snapshot.clone(),
         keys.clone(),
         metrics.clone(),
@@ -220,6 +280,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         keys,
         metrics,
         reloader,
+        tls: grpc_tls.into_iter().chain(admin_tls).collect(),
         health,
         draining,
         stop_grpc,
@@ -228,6 +289,22 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         health_task: Some(health_task),
         tasks: vec![admin_task],
     })
+}
+
+/// A listener: plain TCP, served as before (for gRPC, the hot path of
+/// [`crate::transport`]), or TLS.
+enum Incoming {
+    Plain(TcpListener),
+    Tls(TlsIncoming),
+}
+
+impl Incoming {
+    fn new(listener: TcpListener, tls: Option<&Arc<ServerTls>>) -> std::io::Result<Self> {
+        Ok(match tls {
+            Some(tls) => Incoming::Tls(TlsIncoming::new(listener, Arc::clone(tls))?),
+            None => Incoming::Plain(listener),
+        })
+    }
 }
 
 /// Keeps `grpc.health.v1.Health` at `SERVING` exactly while every issuer has keys, until

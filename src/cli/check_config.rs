@@ -8,11 +8,13 @@ use super::print_out;
 use crate::config::Config;
 use crate::route::Access;
 
-/// Loads the configuration (with the registry it names), reads every `jwks_file` as
-/// `serve` would, and prints what it enforces. Exit 0 when `serve` would become ready on
+/// Loads the configuration (with the registry it names), reads every `jwks_file` and
+/// TLS file as `serve` would, and prints what it enforces. Exit 0 when `serve` would become ready on
 /// the files (network issuers are not contacted), 2 otherwise; warnings do not fail it.
 pub(super) fn check_config(path: &Path) -> anyhow::Result<ExitCode> {
     let config = Config::load(path)?;
+    // `serve` refuses to start with an unusable certificate: the same error here.
+    crate::tls::check_config(&config)?;
     let mut out = format!(
         "{}: valid: {} issuer(s), {} backend(s), {} route(s)\n",
         path.display(),
@@ -28,6 +30,22 @@ pub(super) fn check_config(path: &Path) -> anyhow::Result<ExitCode> {
                 out.push_str(&format!("  issuer {}: NO KEYS: {error}\n", issuer.name));
                 errors.push(format!("issuer {}: {error}", issuer.name));
             }
+        }
+    }
+    for (key, files) in [
+        ("listen.tls", &config.listen.tls),
+        ("listen.admin_tls", &config.listen.admin_tls),
+    ] {
+        if let Some(files) = files {
+            out.push_str(&format!(
+                "  {key}: certificate {}, key {}, {}\n",
+                files.cert_file.shown(),
+                files.key_file.shown(),
+                match &files.client_ca_file {
+                    Some(ca) => format!("client certificates required (CAs from {})", ca.shown()),
+                    None => "no client certificates".to_owned(),
+                }
+            ));
         }
     }
     match &config.registry {

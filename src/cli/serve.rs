@@ -97,6 +97,7 @@ async fn serve_until_stopped(
         Some(listen) => {
             running.adjust_reloads(move |config| listen.apply(config));
             running.watch_config(crate::serve::CONFIG_POLL_INTERVAL);
+            running.watch_tls(crate::tls::TLS_POLL_INTERVAL);
             true
         }
         None => false,

@@ -20,7 +20,7 @@ use crate::fetch_url::check_url;
 use crate::keys::canonical_issuer;
 use crate::registry::Registry;
 use crate::route::{Access, Methods, Pattern, Route, RouteTable, normalize_path};
-use raw::{RawBackend, RawConfig, RawIssuer, RawRoute, Spanned};
+use raw::{RawBackend, RawConfig, RawIssuer, RawRoute, RawTls, Spanned};
 
 /// The largest configuration file accepted; a sidecar's config is a few kilobytes.
 pub const MAX_CONFIG_BYTES: usize = 1024 * 1024;
@@ -50,10 +50,51 @@ pub struct Config {
     issuer_index: IssuerIndex,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Listen {
     pub grpc: SocketAddr,
     pub admin: SocketAddr,
+    /// `listen.tls`: TLS on the gRPC listener; plain TCP (h2c) when `None`.
+    pub tls: Option<TlsFiles>,
+    /// `listen.admin_tls`: TLS on the admin listener; plain HTTP when `None`.
+    pub admin_tls: Option<TlsFiles>,
+}
+
+impl Listen {
+    /// Whether `other` listens on the same addresses (what a reload cannot change).
+    pub fn same_addresses(&self, other: &Listen) -> bool {
+        self.grpc == other.grpc && self.admin == other.admin
+    }
+}
+
+/// A listener's certificate files (`listen.tls`, `listen.admin_tls`). This crate only
+/// says where they are: the sidecar reads them (PEM), checks them and serves TLS with them.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TlsFiles {
+    /// The certificate chain, leaf first.
+    pub cert_file: ConfigFile,
+    /// The private key of the leaf certificate.
+    pub key_file: ConfigFile,
+    /// When set, clients must present a certificate that chains to a CA in this file (mTLS).
+    pub client_ca_file: Option<ConfigFile>,
+}
+
+/// A file the configuration names, resolved relative to the configuration file.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ConfigFile {
+    /// Where it is (relative paths joined to the configuration file's directory).
+    pub path: PathBuf,
+    /// As written in the configuration.
+    pub written: PathBuf,
+    /// The line it was written on, for messages.
+    pub line: u32,
+}
+
+impl ConfigFile {
+    /// The path for a message: as written, and where it resolved to when relative.
+    pub fn shown(&self) -> String {
+        shown_path(&self.written, &self.path)
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -180,7 +221,7 @@ impl Config {
     }
 
     /// Parses and validates configuration text; `path` names it in errors and anchors
-    /// relative paths (`jwks_file`, `unit_primitives`, `keys.cache_dir`).
+    /// relative paths (`jwks_file`, `unit_primitives`, `keys.cache_dir`, the TLS files).
     pub fn from_yaml(text: &str, path: &Path) -> Result<Config, ConfigError> {
         if text.len() > MAX_CONFIG_BYTES {
             return Err(ConfigError::new(
@@ -276,6 +317,8 @@ impl Compiler<'_> {
                 DEFAULT_ADMIN_LISTEN,
                 "listen.admin",
             )?,
+            tls: self.tls_files(raw.listen.tls.as_ref(), "listen.tls")?,
+            admin_tls: self.tls_files(raw.listen.admin_tls.as_ref(), "listen.admin_tls")?,
         };
         // Port 0 asks the OS for a free port: two of those never collide.
         if listen.grpc == listen.admin && listen.grpc.port() != 0 {
@@ -340,6 +383,37 @@ impl Compiler<'_> {
                 )
             }),
         }
+    }
+
+    fn tls_files(
+        &self,
+        raw: Option<&Spanned<RawTls>>,
+        key: &str,
+    ) -> Result<Option<TlsFiles>, ConfigError> {
+        let Some(raw) = raw else { return Ok(None) };
+        let file = |value: &Spanned<PathBuf>, field: &str| {
+            if value.value.as_os_str().is_empty() {
+                return Err(self.err(
+                    value.line(),
+                    format!("{key}.{field} is empty; give the path of a PEM file"),
+                ));
+            }
+            Ok(ConfigFile {
+                path: self.resolve(&value.value),
+                written: value.value.clone(),
+                line: value.line(),
+            })
+        };
+        Ok(Some(TlsFiles {
+            cert_file: file(&raw.value.cert_file, "cert_file")?,
+            key_file: file(&raw.value.key_file, "key_file")?,
+            client_ca_file: raw
+                .value
+                .client_ca_file
+                .as_ref()
+                .map(|f| file(f, "client_ca_file"))
+                .transpose()?,
+        }))
     }
 
     fn duration(

@@ -54,6 +54,17 @@ pub struct RawConfig {
 pub struct RawListen {
     pub grpc: Option<Spanned<String>>,
     pub admin: Option<Spanned<String>>,
+    pub tls: Option<Spanned<RawTls>>,
+    pub admin_tls: Option<Spanned<RawTls>>,
+}
+
+/// `listen.tls` and `listen.admin_tls`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawTls {
+    pub cert_file: Spanned<PathBuf>,
+    pub key_file: Spanned<PathBuf>,
+    pub client_ca_file: Option<Spanned<PathBuf>>,
 }
 
 #[derive(Debug, Deserialize)]

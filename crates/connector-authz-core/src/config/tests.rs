@@ -404,3 +404,60 @@ fn the_token_cache_is_sized_by_two_keys() {
         assert!(err.contains(what), "{bad}: {err}");
     }
 }
+
+#[test]
+fn listen_tls_files_resolve_relative_to_the_configuration() {
+    let text = DESIGN_EXAMPLE.replace(
+        "  admin: 127.0.0.1:9192\n",
+        "  admin: 127.0.0.1:9192\n  tls:\n    cert_file: tls/tls.crt\n    key_file: /etc/tls/tls.key\n    client_ca_file: ca.crt\n  admin_tls: {cert_file: a.crt, key_file: a.key}\n",
+    );
+    let c = load(&text).unwrap();
+    let tls = c.listen.tls.as_ref().expect("listen.tls is set");
+    assert_eq!(
+        tls.cert_file.path,
+        Path::new("/etc/connector-authz/tls/tls.crt")
+    );
+    assert_eq!(tls.cert_file.written, Path::new("tls/tls.crt"));
+    assert_eq!(tls.cert_file.line, 5);
+    assert_eq!(tls.key_file.path, Path::new("/etc/tls/tls.key"));
+    assert_eq!(tls.key_file.line, 6);
+    let ca = tls.client_ca_file.as_ref().expect("client_ca_file is set");
+    assert_eq!(ca.path, Path::new("/etc/connector-authz/ca.crt"));
+    assert!(
+        ca.shown()
+            .contains("resolved to /etc/connector-authz/ca.crt")
+    );
+    let admin = c
+        .listen
+        .admin_tls
+        .as_ref()
+        .expect("listen.admin_tls is set");
+    assert_eq!(admin.key_file.path, Path::new("/etc/connector-authz/a.key"));
+    assert!(admin.client_ca_file.is_none());
+    // Without the keys, both listeners are plain.
+    let plain = load(DESIGN_EXAMPLE).unwrap();
+    assert!(plain.listen.tls.is_none() && plain.listen.admin_tls.is_none());
+}
+
+#[test]
+fn listen_tls_mistakes_are_errors_at_their_line() {
+    let with_tls = |tls: &str| {
+        DESIGN_EXAMPLE.replace(
+            "  admin: 127.0.0.1:9192\n",
+            &format!("  admin: 127.0.0.1:9192\n{tls}"),
+        )
+    };
+    let msg = error_at(
+        &with_tls("  tls:\n    cert_file: a.crt\n    key_file: a.key\n    ca_file: ca.crt\n"),
+        7,
+    );
+    assert!(msg.contains("ca_file"), "{msg}");
+    let msg = error_at(&with_tls("  tls:\n    cert_file: a.crt\n"), 5);
+    assert!(msg.contains("key_file"), "{msg}");
+    let msg = error_at(
+        &with_tls("  admin_tls:\n    cert_file: a.crt\n    key_file: \"\"\n"),
+        6,
+    );
+    assert!(msg.contains("listen.admin_tls.key_file is empty"), "{msg}");
+    error_at(&with_tls("  tls: /etc/tls\n"), 4);
+}
