@@ -37,4 +37,5 @@ pub mod metrics;
 pub mod proto;
 pub(crate) mod reload;
 pub mod serve;
+pub mod traces;
 pub mod transport;
