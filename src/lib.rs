@@ -38,4 +38,5 @@ pub mod proto;
 pub(crate) mod reload;
 pub mod serve;
 pub mod tls;
+pub mod traces;
 pub mod transport;

@@ -14,7 +14,8 @@
 //! listener stops accepting and every
 //! Check in flight finishes (within the drain time, after which the rest are dropped);
 //! then the admin listener closes and the key refresh stops. Keys are stopped last so
-//! that a Check waiting for an unknown-kid refresh still gets its answer.
+//! that a Check waiting for an unknown-kid refresh still gets its answer. Spans still
+//! queued for export ([`crate::traces`]) are flushed at the very end.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -35,6 +36,7 @@ use crate::keys::{KeyManager, KeyRefresher};
 use crate::metrics::Metrics;
 use crate::reload::Reloader;
 use crate::tls::{Listener, ServerTls, TlsIncoming};
+use crate::traces::{CheckTracer, TraceExport};
 use crate::transport::CoalescingIncoming;
 
 /// The gRPC service name that health checks ask about, besides the server as a whole ("").
@@ -67,6 +69,7 @@ pub struct Running {
     /// Follows readiness into gRPC health until draining starts; `None` once it ended.
     health_task: Option<JoinHandle<()>>,
     tasks: Vec<JoinHandle<()>>,
+    traces: Option<TraceExport>,
 }
 
 impl Running {
@@ -140,12 +143,23 @@ impl Running {
             let _ = task.await;
         }
         self.keys.shutdown().await;
+        if let Some(traces) = self.traces {
+            traces.shutdown().await;
+        }
     }
 }
 
 /// Binds both listeners, loads keys, and starts serving in background tasks.
 /// Binding errors (a port in use) surface here, before anything is served.
 pub async fn start(config: Config) -> anyhow::Result<Running> {
+    start_traced(config, None).await
+}
+
+/// [`start`], with a span of every Check exported by `traces` (flushed at shutdown).
+pub async fn start_traced(
+    config: Config,
+    traces: Option<(TraceExport, CheckTracer)>,
+) -> anyhow::Result<Running> {
     let grpc_listener = TcpListener::bind(config.listen.grpc)
         .await
         .map_err(|e| anyhow::anyhow!("cannot listen for gRPC on {}: {e}", config.listen.grpc))?;
@@ -197,9 +211,13 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
     let health_task = tokio::spawn(follow_readiness(ready, health.clone(), draining_rx.clone()));
 
     let refresher: Arc<dyn KeyRefresher> = keys.clone();
-    let authz = AuthzService::new(snapshot.clone(), Some(refresher))
-        .with_metrics(metrics.clone())
-        .into_server();
+    let mut authz =
+        AuthzService::new(snapshot.clone(), Some(refresher)).with_metrics(metrics.clone());
+    let (traces, tracer) = traces.unzip();
+    if let Some(tracer) = tracer {
+        authz = authz.with_tracer(tracer);
+    }
+    let authz = authz.into_server();
     let grpc_task = {
         let mut stopped = grpc_stopped;
         tokio::spawn(async move {
@@ -288,6 +306,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         grpc_task,
         health_task: Some(health_task),
         tasks: vec![admin_task],
+        traces,
     })
 }
 

@@ -11,6 +11,7 @@ use clap::Args;
 use super::check_config::unchecked_unit_primitives_warning;
 use super::print_out;
 use crate::config::Config;
+use crate::traces::{TraceExport, TraceSettings, TracesFromEnv};
 
 #[derive(Args, Debug)]
 #[group(required = true, multiple = false)]
@@ -60,11 +61,13 @@ pub(super) async fn serve(
     // Signal handlers go in before anything listens, so that a SIGTERM or SIGHUP sent as
     // soon as the sidecar answers is never met by the default action (exit at once).
     let mut signals = Signals::new()?;
+    let traces = TraceSettings::from_env()?;
+    tracing::info!("traces: {traces}");
     if args.dev {
         let mut setup = crate::dev_server::prepare()?;
         listen.apply(&mut setup.config);
         print_out(&setup.banner())?;
-        let result = serve_until_stopped(setup.config, None, stop, &mut signals).await;
+        let result = serve_until_stopped(setup.config, None, traces, stop, &mut signals).await;
         // The directory holds the dev private key: it lives only as long as the server.
         if let Err(e) = std::fs::remove_dir_all(&setup.dir) {
             tracing::warn!(dir = %setup.dir.display(), error = %e, "cannot remove the dev directory");
@@ -77,7 +80,7 @@ pub(super) async fn serve(
             tracing::warn!("{warning}");
         }
         listen.apply(&mut config);
-        serve_until_stopped(config, Some(listen), stop, &mut signals).await?;
+        serve_until_stopped(config, Some(listen), traces, stop, &mut signals).await?;
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -85,14 +88,19 @@ pub(super) async fn serve(
 /// Serves until SIGTERM or SIGINT; after SIGTERM keeps answering with readiness off for
 /// `stop.delay`; then drains for at most `stop.drain`. With `reload` (the command line's
 /// listen overrides, which apply to reloaded configurations too), reloads on SIGHUP and
-/// when the configuration file changes.
+/// when the configuration file changes. Checks are traced when `traces` says so.
 async fn serve_until_stopped(
     config: Config,
     reload: Option<ListenArgs>,
+    traces: TracesFromEnv,
     stop: Stopping,
     signals: &mut Signals,
 ) -> anyhow::Result<()> {
-    let mut running = crate::serve::start(config).await?;
+    let traces = match traces {
+        TracesFromEnv::On(settings) => Some(TraceExport::start(&settings)?),
+        TracesFromEnv::Off(_) => None,
+    };
+    let mut running = crate::serve::start_traced(config, traces).await?;
     let reload = match reload {
         Some(listen) => {
             running.adjust_reloads(move |config| listen.apply(config));

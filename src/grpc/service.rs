@@ -21,6 +21,7 @@ use crate::proto::envoy::service::auth::v3::{
     authorization_server::{Authorization, AuthorizationServer},
 };
 use crate::token_cache::TokenCache;
+use crate::traces::{CheckSpan, CheckTracer};
 
 type DecideFn = fn(&Snapshot, &Request<'_>, SystemTime, &TokenCache) -> Decision;
 
@@ -42,6 +43,9 @@ pub struct AuthzService {
     decide_fn: DecideFn,
     metrics: Arc<Metrics>,
     deprecations: DeprecationNotices,
+    /// `None` unless traces are exported: then a Check makes no span and reads no
+    /// trace header.
+    tracer: Option<CheckTracer>,
 }
 
 impl AuthzService {
@@ -57,7 +61,14 @@ impl AuthzService {
             decide_fn: decide_cached,
             metrics: Arc::default(),
             deprecations: DeprecationNotices::default(),
+            tracer: None,
         }
+    }
+
+    /// Makes a span of every Check (see [`crate::traces`]).
+    pub fn with_tracer(mut self, tracer: CheckTracer) -> Self {
+        self.tracer = Some(tracer);
+        self
     }
 
     /// Counts Checks in `metrics` (by default, in metrics of its own that no one reads),
@@ -92,6 +103,12 @@ impl AuthzService {
     /// if `decide` found a `kid` it does not know. Never more than one refresh per request,
     /// so a stream of tokens with made-up `kid`s costs at most one rate-limited fetch each.
     pub async fn decide_with_refresh(&self, input: &CheckInput<'_>) -> Decided {
+        self.decide_traced(input, None).await
+    }
+
+    /// [`AuthzService::decide_with_refresh`], with a child of `span` for the wait for a
+    /// refresh.
+    async fn decide_traced(&self, input: &CheckInput<'_>, span: Option<&CheckSpan<'_>>) -> Decided {
         let first = self.decide_once(input);
         // A dry-run allow that would have been an unknown kid refreshes too: the decision
         // it reports must be the one enforcing would make.
@@ -115,7 +132,12 @@ impl AuthzService {
         // The guard goes before the await: held across it, it would pin the old snapshot.
         drop(first);
         let refresh = refresher.refresh_unknown_kid(&issuer);
-        if tokio::time::timeout(wait, refresh).await.is_err() {
+        let wait_span = span.map(|span| span.refresh_wait(&issuer));
+        let finished = tokio::time::timeout(wait, refresh).await.is_ok();
+        if let Some(wait_span) = wait_span {
+            wait_span.end(finished);
+        }
+        if !finished {
             tracing::debug!(
                 %issuer,
                 ?wait,
@@ -139,10 +161,20 @@ impl Authorization for AuthzService {
             Err(status) => {
                 self.metrics.check_failed(started.elapsed());
                 tracing::debug!(reason = "invalid_argument", "check: {}", status.message());
+                if let Some(tracer) = &self.tracer {
+                    tracer.start_check(None).end_invalid(status.message());
+                }
                 return Err(status);
             }
         };
-        let Decided { snapshot, decision } = self.decide_with_refresh(&input).await;
+        let span = self
+            .tracer
+            .as_ref()
+            .map(|tracer| tracer.start_check(Some(input.request().headers)));
+        let Decided { snapshot, decision } = self.decide_traced(&input, span.as_ref()).await;
+        if let Some(span) = span {
+            span.end_decided(&snapshot, &decision);
+        }
         let elapsed = started.elapsed();
         self.metrics.check_decided(&decision, elapsed);
         if let Decision::Allow(Allowed {
