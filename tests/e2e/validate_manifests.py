@@ -554,7 +554,8 @@ for _overlay in ("sidecar", "shared"):
 
 
 def openssl_certificates(directory):
-    """A CA and a client certificate from it, as cert-manager writes them (tls.crt, tls.key, ca.crt)."""
+    """A CA and a certificate from it for connector-authz (server and client use), as
+    cert-manager writes them: tls.crt, tls.key, ca.crt."""
     import shutil
     openssl = shutil.which("openssl")
     assert openssl, "no openssl on PATH (Debian's openssl package)"
@@ -567,8 +568,10 @@ def openssl_certificates(directory):
         "-out", "ca.crt", "-days", "1", "-subj", "/CN=connector-authz-ca")
     run("req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes", "-keyout", "tls.key",
         "-out", "tls.csr", "-subj", "/CN=ai-gateway")
+    with open(os.path.join(directory, "leaf.ext"), "w") as f:
+        f.write("subjectAltName = DNS:connector-authz\nextendedKeyUsage = serverAuth, clientAuth\n")
     run("x509", "-req", "-in", "tls.csr", "-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial",
-        "-out", "tls.crt", "-days", "1")
+        "-extfile", "leaf.ext", "-out", "tls.crt", "-days", "1")
 
 
 @check
@@ -776,13 +779,24 @@ for _directory in (BASE, OVERLAYS["sidecar"], OVERLAYS["istio"], OVERLAYS["istio
     check(_check_config)
 
 
-@check
-def shared_overlay_config_passes_check_config_with_listen_tls():
-    """Needs listen.tls (issue 13, part 1): this fails on a connector-authz without it."""
+def _shared_check_config():
+    """The shared overlay's config uses listen.tls (issue 13, part 1): on a connector-authz
+    built without it this fails, and says so."""
     with tempfile.TemporaryDirectory() as tmp:
         tls = os.path.join(tmp, "tls")
         openssl_certificates(tls)
-        return check_config(OVERLAYS["shared"], tls)
+        try:
+            return check_config(OVERLAYS["shared"], tls)
+        except AssertionError as e:
+            if "unknown field `tls`" in str(e):
+                raise AssertionError("this connector-authz has no listen.tls yet (issue 13, part 1: "
+                                     f"TLS on the gRPC listener); it is needed here:\n{e}") from None
+            raise
+
+
+_shared_check_config.__name__ = (f"{OVERLAYS['shared']}: connector-authz check-config on the rendered "
+                                 "ConfigMap (needs listen.tls)")
+check(_shared_check_config)
 
 
 def main():
