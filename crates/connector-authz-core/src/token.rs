@@ -157,6 +157,14 @@ pub struct Claims {
     pub gitlab_instance_id: Option<String>,
 }
 
+/// A token's time claims, as `verify::time_window` checks them.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Validity {
+    pub exp: Option<i64>,
+    pub nbf: Option<i64>,
+    pub iat: Option<i64>,
+}
+
 /// A NumericDate: a JSON number of seconds (fractions allowed, RFC 7519 §2), never a string.
 /// Values beyond ±2^53 are clamped: they are "forever" in either direction either way.
 fn numeric_date<'de, D: Deserializer<'de>>(d: D) -> Result<Option<i64>, D::Error> {

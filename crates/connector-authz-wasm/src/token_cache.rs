@@ -64,7 +64,9 @@ impl VerifiedCache {
     /// (which the decision denies anyway), is not kept. When full, expired entries go
     /// first, then the one closest to expiry.
     pub fn insert(&mut self, key: TokenDigest, token: Arc<VerifiedToken>, now: i64, leeway: i64) {
-        let Some(exp) = token.claims.exp else { return };
+        let Some(exp) = token.validity().exp else {
+            return;
+        };
         let expires_at = exp.saturating_add(leeway);
         if now >= expires_at || self.capacity == 0 {
             return;
