@@ -50,7 +50,7 @@ fn main() -> anyhow::Result<()> {
             parsed.header.kid.as_deref(),
             0,
         );
-        cache.insert(&raw, Arc::new(verified));
+        cache.insert(&raw, verified);
     }
     let after = status_kib("VmHWM")?;
     println!(

@@ -316,13 +316,13 @@ fn denied(reason: DenyReason, message: impl Into<Cow<'static, str>>) -> Denied {
     Denied::new(reason, message)
 }
 
-/// What a deny's log line names from claims the decision already holds (cloned: the
+/// What a deny's log line names from the claims of a verified token (copied: the
 /// cached verification is shared).
-fn claimed(claims: &Claims) -> Option<Box<Claimed>> {
+fn claimed(verified: &VerifiedToken) -> Option<Box<Claimed>> {
     Some(Box::new(Claimed {
-        issuer: claims.iss.clone(),
-        subject: claims.sub.clone(),
-        jti: claims.jti.clone(),
+        issuer: verified.iss().map(str::to_string),
+        subject: verified.sub().map(str::to_string),
+        jti: verified.jti().map(str::to_string),
     }))
 }
 
@@ -373,13 +373,13 @@ impl TokenCheck<'_> {
         };
         self.note(|t| {
             if t.claims.is_none() {
-                t.claims = Some(verified.claims.clone());
+                t.claims = Some(verified.claims());
             }
         });
         Ok(self
             .check_verified(raw, &verified, needs, leeway)
             .map_err(|mut d| {
-                d.claimed = claimed(&verified.claims);
+                d.claimed = claimed(&verified);
                 d
             }))
     }
@@ -404,12 +404,12 @@ impl TokenCheck<'_> {
         needs: &RouteNeeds<'_>,
         leeway: i64,
     ) -> Result<Identity, Denied> {
-        let claims = &verified.claims;
-        verify::time_window(claims, self.now, leeway).map_err(|e| denied(e.reason, e.message))?;
-        verify::audience(claims, &self.backend.audience)
+        verify::time_window(verified.validity(), self.now, leeway)
             .map_err(|e| denied(e.reason, e.message))?;
-        let scopes = claims.scopes.as_deref().unwrap_or_default();
-        if !claims.sub.as_deref().is_none_or(claim_fits_header)
+        verify::audience(verified.audience(), &self.backend.audience)
+            .map_err(|e| denied(e.reason, e.message))?;
+        let scopes = verified.scopes().unwrap_or_default();
+        if !verified.sub().is_none_or(claim_fits_header)
             || !scopes.iter().all(|s| scope_fits_header(s))
         {
             return Err(denied(
@@ -417,17 +417,17 @@ impl TokenCheck<'_> {
                 "the token's sub or a scope has a control character or a scope has a space, so it cannot be passed on in a header",
             ));
         }
-        let iss = claims.iss.as_deref().unwrap_or_default();
+        let iss = verified.iss().unwrap_or_default();
         // A user token is one the backend minted itself: its issuer is the backend's audience.
         let user_token = canonical_issuer(iss) == &*self.backend.audience;
-        self.instance_headers(claims, user_token)?;
+        self.instance_headers(verified, user_token)?;
         if user_token && !needs.user_tokens {
             return Err(denied(
                 DenyReason::UserTokenRefused,
                 "this path accepts only tokens issued to a GitLab instance, not user tokens",
             ));
         }
-        let holds = |up: &str| scopes.iter().any(|s| s == up);
+        let holds = |up: &str| scopes.iter().any(|s| **s == *up);
         self.note(|t| t.scopes = Some(self.scope_trace(needs, scopes)));
         if let Some(missing) = needs.require.iter().find(|up| !holds(up)) {
             return Err(denied(
@@ -465,10 +465,10 @@ impl TokenCheck<'_> {
             .filter(|up| up.deprecation.is_some())
             .map(|up| up.name.as_str());
         Ok(Identity {
-            subject: claims.sub.clone().unwrap_or_default(),
+            subject: verified.sub().unwrap_or_default().to_string(),
             issuer: verified.issuer.clone(),
-            scopes: scopes.to_vec(),
-            jti: claims.jti.clone(),
+            scopes: scopes.iter().map(|s| s.to_string()).collect(),
+            jti: verified.jti().map(str::to_string),
             unit_primitive: named.map(str::to_string),
             deprecated: named_deprecated.map(Arc::from).into_iter().collect(),
             forwarded,
@@ -537,18 +537,19 @@ impl SignatureCheck<'_> {
         let claims = token.claims().map_err(|e| denied(e.reason, e.message))?;
         match self.issuer_key(&token, alg, &claims) {
             Ok((issuer, fingerprint)) => {
-                let verified = Arc::new(VerifiedToken::new(
+                let verified = VerifiedToken::new(
                     claims,
                     issuer,
                     alg,
                     token.header.kid.as_deref(),
                     fingerprint,
-                ));
+                );
                 // A token already outside its time window would only be dropped on its next hit.
-                if verify::time_window(&verified.claims, self.now, leeway).is_ok() {
-                    self.cache.insert(raw, Arc::clone(&verified));
+                if verify::time_window(verified.validity(), self.now, leeway).is_ok() {
+                    Ok(self.cache.insert(raw, verified))
+                } else {
+                    Ok(Arc::new(verified))
                 }
-                Ok(verified)
             }
             Err(mut d) => {
                 d.claimed = claimed_owned(claims);
@@ -597,8 +598,8 @@ impl SignatureCheck<'_> {
 
 impl TokenCheck<'_> {
     /// The unit primitives `needs` asks of a token that holds `scopes`, for the trace.
-    fn scope_trace(&self, needs: &RouteNeeds<'_>, scopes: &[String]) -> ScopeTrace {
-        let holds = |up: &str| scopes.iter().any(|s| s == up);
+    fn scope_trace(&self, needs: &RouteNeeds<'_>, scopes: &[Box<str>]) -> ScopeTrace {
+        let holds = |up: &str| scopes.iter().any(|s| **s == *up);
         let mut needed: Vec<String> = needs.require.iter().map(|up| up.to_string()).collect();
         if let Some(header) = needs.unit_primitive_header
             && let Some(named) = self.req.headers.get(header).one().map(str::trim)
@@ -614,7 +615,7 @@ impl TokenCheck<'_> {
         ScopeTrace {
             needed,
             any_of,
-            held: scopes.to_vec(),
+            held: scopes.iter().map(|s| s.to_string()).collect(),
             missing,
         }
     }
@@ -622,9 +623,9 @@ impl TokenCheck<'_> {
     /// The instance headers must agree with the claims that are set (as the AI gateway
     /// checks them: a null or empty claim is not set); a missing header then counts as a
     /// mismatch. `x-gitlab-authentication-type: oidc` is always required.
-    fn instance_headers(&self, claims: &Claims, user_token: bool) -> Result<(), Denied> {
-        fn set(claim: &Option<String>) -> Option<&str> {
-            claim.as_deref().filter(|v| !v.is_empty())
+    fn instance_headers(&self, verified: &VerifiedToken, user_token: bool) -> Result<(), Denied> {
+        fn set(claim: Option<&str>) -> Option<&str> {
+            claim.filter(|v| !v.is_empty())
         }
         let headers = self.req.headers;
         let must_equal =
@@ -632,21 +633,21 @@ impl TokenCheck<'_> {
                 HeaderValue::One(v) if v == expected => Ok(()),
                 _ => Err(denied(DenyReason::HeaderMismatch, message)),
             };
-        if let Some(realm) = set(&claims.gitlab_realm) {
+        if let Some(realm) = set(verified.gitlab_realm()) {
             must_equal(
                 "x-gitlab-realm",
                 realm,
                 "the X-Gitlab-Realm header does not match the token",
             )?;
         }
-        if let Some(instance) = set(&claims.gitlab_instance_id) {
+        if let Some(instance) = set(verified.gitlab_instance_id()) {
             must_equal(
                 "x-gitlab-instance-id",
                 instance,
                 "the X-Gitlab-Instance-Id header does not match the token",
             )?;
         }
-        match (set(&claims.sub), user_token) {
+        match (set(verified.sub()), user_token) {
             (Some(sub), true) => must_equal(
                 "x-gitlab-global-user-id",
                 sub,
@@ -683,7 +684,7 @@ impl TokenCheck<'_> {
     fn named_unit_primitive<'s>(
         &'s self,
         header: &str,
-        scopes: &[String],
+        scopes: &[Box<str>],
     ) -> Result<&'s UnitPrimitive, Denied> {
         let name = self
             .req
@@ -721,7 +722,7 @@ impl TokenCheck<'_> {
                 ),
             ));
         }
-        if !scopes.iter().any(|s| s == &up.name) {
+        if !scopes.iter().any(|s| **s == *up.name) {
             return Err(denied(
                 DenyReason::InsufficientScope,
                 format!("the token does not grant the unit primitive {}", up.name),

@@ -142,7 +142,7 @@ impl VerifyAnswer {
                 alg: format!("{:?}", token.algorithm()),
                 kid: token.kid().map(str::to_string),
                 key_fingerprint: fingerprint_hex(token.key_fingerprint()),
-                claims: Box::new(token.claims.clone()),
+                claims: Box::new(token.claims()),
             },
             Err(denied) => VerifyAnswer::Denied {
                 status: denied.reason.http_status(),

@@ -3,12 +3,14 @@
 //! days, so nearly every Check after the first would otherwise spend its time on the same
 //! RSA verification.
 //!
-//! What the cache holds, and what it skips: an entry is the decoded claims of a token
-//! whose signature one of its issuer's keys verified, keyed by the **whole token** (a fast
-//! seeded hash picks the slot, then the full token is compared byte for byte; nothing is
-//! ever matched on a prefix or a digest). A hit skips only the parsing and the signature.
-//! Everything after the signature (time window, audience, instance headers, scopes, the
-//! route) is still checked on every request by the same code as a miss.
+//! What the cache holds, and what it skips: an entry is what the checks after the signature
+//! read from a token whose signature one of its issuer's keys verified, keyed by the
+//! token's HMAC-SHA-256 under a key drawn at random when the cache is made. The token
+//! itself is not kept. Without the key no one can make two tokens with the same digest (not
+//! even by brute force: the digest is 256 bits and never leaves the process), so a token
+//! that differs from a cached one in any byte is a miss. A hit skips only the parsing and
+//! the signature. Everything after the signature (time window, audience, instance headers,
+//! scopes, the route) is still checked on every request by the same code as a miss.
 //!
 //! A hit is only used while it would have verified again against the snapshot at hand:
 //! the algorithm is still allowed, the issuer is still configured, and the key the
@@ -22,31 +24,111 @@
 //! and in bytes, and is concurrent without a global lock: `quick_cache` shards it, and a
 //! hit takes one shard's read lock.
 //!
+//! An entry is small: the short claims (`iss`, `sub`, `jti`, the instance claims, `kid`)
+//! share one allocation, and a scope or audience list is held once for every entry with
+//! the same list (the tokens of one kind of instance all carry the same unit primitives).
+//! Those shared lists take at most an eighth of the byte bound, counted apart from the
+//! entries; a list that does not fit there is held by its entry and counted with it.
+//!
 //! This module does no I/O and knows nothing of tonic; `decide` receives the cache as an
 //! argument, so a decision stays a function of its inputs.
 
+use std::collections::HashSet;
 use std::mem::size_of;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 
+use hmac::{Hmac, Mac};
 use jsonwebtoken::Algorithm;
 use prometheus_client::metrics::counter::Counter;
 use quick_cache::sync::{Cache, DefaultLifecycle};
 use quick_cache::{DefaultHashBuilder, Weighter};
+use sha2::Sha256;
 
 use crate::config::{Config, TokenSettings};
 use crate::keys::KeySnapshot;
-use crate::token::{Audience, Claims};
+use crate::token::{Audience, Claims, Validity};
 use crate::verify;
 
-/// A token that passed its signature check, and what is needed to tell whether that
-/// check still holds.
+/// A list of claim strings (`scopes`, or `aud`), shared by the entries that hold the same.
+type List = Arc<[Box<str>]>;
+
+/// The short claims an entry keeps in its one text buffer, by position.
+const ISS: usize = 0;
+const SUB: usize = 1;
+const JTI: usize = 2;
+const REALM: usize = 3;
+const INSTANCE: usize = 4;
+const KID: usize = 5;
+const TEXT_FIELDS: usize = 6;
+
+/// Each heap block costs its length plus the allocator's header and rounding.
+const BLOCK: usize = 16;
+
+/// Optional strings back to back in one allocation.
+#[derive(Debug)]
+struct Text {
+    buffer: Box<str>,
+    /// Where each field ends in `buffer` (it starts where the one before ends).
+    ends: [usize; TEXT_FIELDS],
+    /// Bit `i` is set when field `i` is present (an empty string is present).
+    present: u8,
+}
+
+impl Text {
+    fn new(fields: [Option<&str>; TEXT_FIELDS]) -> Self {
+        let mut buffer = String::with_capacity(fields.iter().flatten().map(|f| f.len()).sum());
+        let mut ends = [0; TEXT_FIELDS];
+        let mut present = 0;
+        for (i, field) in fields.iter().enumerate() {
+            if let Some(field) = field {
+                buffer.push_str(field);
+                present |= 1 << i;
+            }
+            ends[i] = buffer.len();
+        }
+        Self {
+            buffer: buffer.into_boxed_str(),
+            ends,
+            present,
+        }
+    }
+
+    fn get(&self, field: usize) -> Option<&str> {
+        if self.present & (1 << field) == 0 {
+            return None;
+        }
+        let start = field.checked_sub(1).map_or(0, |before| self.ends[before]);
+        self.buffer.get(start..self.ends[field])
+    }
+}
+
+fn list(strings: Vec<String>) -> List {
+    strings.into_iter().map(String::into_boxed_str).collect()
+}
+
+/// The bytes a list takes: the `Arc`'s block (counts and one `Box<str>` per string) and
+/// each string's block.
+fn list_bytes(list: &[Box<str>]) -> usize {
+    2 * size_of::<usize>()
+        + size_of_val(list)
+        + BLOCK
+        + list.iter().map(|s| s.len() + BLOCK).sum::<usize>()
+}
+
+/// A token that passed its signature check: what the checks after the signature read,
+/// and what is needed to tell whether that check still holds.
 #[derive(Debug)]
 pub struct VerifiedToken {
-    pub claims: Claims,
     /// The configured issuer's canonical name (shared with the configuration).
     pub issuer: Arc<str>,
+    /// `iss`, `sub`, `jti`, `gitlab_realm`, `gitlab_instance_id` and the header's `kid`.
+    text: Text,
+    validity: Validity,
+    aud: Option<List>,
+    /// `aud` was a JSON array (rather than one string).
+    aud_is_array: bool,
+    scopes: Option<List>,
     alg: Algorithm,
-    kid: Option<Box<str>>,
     /// The fingerprint of the key that verified the signature.
     key_fingerprint: u64,
     /// Computed once: the weighter runs during eviction and must be cheap.
@@ -61,16 +143,94 @@ impl VerifiedToken {
         kid: Option<&str>,
         key_fingerprint: u64,
     ) -> Self {
+        let text = Text::new([
+            claims.iss.as_deref(),
+            claims.sub.as_deref(),
+            claims.jti.as_deref(),
+            claims.gitlab_realm.as_deref(),
+            claims.gitlab_instance_id.as_deref(),
+            kid,
+        ]);
+        let (aud, aud_is_array) = match claims.aud {
+            None => (None, false),
+            Some(Audience::One(one)) => (Some(list(vec![one])), false),
+            Some(Audience::Many(all)) => (Some(list(all)), true),
+        };
         let mut verified = Self {
-            claims,
             issuer,
+            text,
+            validity: Validity {
+                exp: claims.exp,
+                nbf: claims.nbf,
+                iat: claims.iat,
+            },
+            aud,
+            aud_is_array,
+            scopes: claims.scopes.map(list),
             alg,
-            kid: kid.map(Box::from),
             key_fingerprint,
             footprint: 0,
         };
-        verified.footprint = verified.measure();
+        verified.footprint = verified.measure(false, false);
         verified
+    }
+
+    /// The claims as the token carried them (those a decision reads).
+    pub fn claims(&self) -> Claims {
+        let owned = |field| self.text.get(field).map(str::to_string);
+        let strings = |list: &List| list.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        Claims {
+            iss: owned(ISS),
+            sub: owned(SUB),
+            aud: self
+                .aud
+                .as_ref()
+                .map(|aud| match (self.aud_is_array, &aud[..]) {
+                    (false, [one]) => Audience::One(one.to_string()),
+                    _ => Audience::Many(strings(aud)),
+                }),
+            exp: self.validity.exp,
+            nbf: self.validity.nbf,
+            iat: self.validity.iat,
+            jti: owned(JTI),
+            scopes: self.scopes.as_ref().map(strings),
+            gitlab_realm: owned(REALM),
+            gitlab_instance_id: owned(INSTANCE),
+        }
+    }
+
+    pub fn iss(&self) -> Option<&str> {
+        self.text.get(ISS)
+    }
+
+    pub fn sub(&self) -> Option<&str> {
+        self.text.get(SUB)
+    }
+
+    pub fn jti(&self) -> Option<&str> {
+        self.text.get(JTI)
+    }
+
+    pub fn gitlab_realm(&self) -> Option<&str> {
+        self.text.get(REALM)
+    }
+
+    pub fn gitlab_instance_id(&self) -> Option<&str> {
+        self.text.get(INSTANCE)
+    }
+
+    /// `exp`, `nbf` and `iat`.
+    pub fn validity(&self) -> Validity {
+        self.validity
+    }
+
+    /// `aud`, one string or each of an array's.
+    pub fn audience(&self) -> Option<&[Box<str>]> {
+        self.aud.as_deref()
+    }
+
+    pub fn scopes(&self) -> Option<&[Box<str>]> {
+        self.scopes.as_deref()
     }
 
     /// The algorithm the signature was verified with.
@@ -80,7 +240,7 @@ impl VerifiedToken {
 
     /// The `kid` of the token's header, if it had one.
     pub fn kid(&self) -> Option<&str> {
-        self.kid.as_deref()
+        self.text.get(KID)
     }
 
     /// The fingerprint of the issuer's key that verified the signature.
@@ -93,94 +253,162 @@ impl VerifiedToken {
         if !config.tokens.algorithms.contains(&self.alg) {
             return false;
         }
-        let Some(issuer) = self
-            .claims
-            .iss
-            .as_deref()
-            .and_then(|iss| config.issuer(iss))
-        else {
+        let Some(issuer) = self.iss().and_then(|iss| config.issuer(iss)) else {
             return false;
         };
         if issuer.name != self.issuer {
             return false;
         }
         keys.get(&issuer.name).is_some_and(|set| {
-            verify::would_use_key(set, self.kid.as_deref(), self.alg, self.key_fingerprint)
+            verify::would_use_key(set, self.kid(), self.alg, self.key_fingerprint)
         })
     }
 
     /// Past `exp` + leeway: no request can be allowed with it any more.
     fn expired(&self, now: i64, leeway: i64) -> bool {
-        self.claims
+        self.validity
             .exp
             .is_none_or(|exp| now >= exp.saturating_add(leeway))
     }
 
-    /// An estimate of the heap and inline bytes this entry holds, token excluded.
-    fn measure(&self) -> usize {
-        // Each heap block costs its length plus the allocator's header and rounding.
-        const BLOCK: usize = 16;
-        let text = |s: &Option<String>| s.as_ref().map_or(0, |s| s.len() + BLOCK);
-        let c = &self.claims;
-        let aud = match &c.aud {
-            None => 0,
-            Some(Audience::One(a)) => a.len() + BLOCK,
-            Some(Audience::Many(all)) => {
-                all.iter().map(|a| a.len() + BLOCK).sum::<usize>()
-                    + all.len() * size_of::<String>()
-                    + BLOCK
-            }
+    /// An estimate of the heap and inline bytes this entry holds, lists shared with other
+    /// entries excluded.
+    fn measure(&self, shared_aud: bool, shared_scopes: bool) -> usize {
+        let own = |list: &Option<List>, shared: bool| match list {
+            Some(list) if !shared => list_bytes(list),
+            _ => 0,
         };
-        let scopes = c.scopes.as_ref().map_or(0, |all| {
-            all.iter().map(|s| s.len() + BLOCK).sum::<usize>()
-                + all.len() * size_of::<String>()
-                + BLOCK
-        });
+        let text = match self.text.buffer.len() {
+            0 => 0,
+            len => len + BLOCK,
+        };
         size_of::<Self>()
             + 2 * size_of::<usize>()
             + BLOCK
-            + text(&c.iss)
-            + text(&c.sub)
-            + text(&c.jti)
-            + text(&c.gitlab_realm)
-            + text(&c.gitlab_instance_id)
-            + aud
-            + scopes
-            + self.kid.as_ref().map_or(0, |k| k.len() + BLOCK)
+            + text
+            + own(&self.aud, shared_aud)
+            + own(&self.scopes, shared_scopes)
     }
 }
 
-/// Weighs an entry by its bytes, but never less than `floor` = byte bound / entry bound,
-/// so that one weight capacity enforces both bounds: at most `cache_bytes` bytes, and at
-/// most `cache_entries` entries.
+/// A token's cache key: its HMAC-SHA-256 under the cache's key.
+pub type TokenDigest = [u8; 32];
+
+/// Digests tokens under a key of its own, drawn from the operating system's generator.
+#[derive(Clone)]
+struct Digester {
+    keyed: Hmac<Sha256>,
+}
+
+impl Digester {
+    /// `None` when the operating system gives no random bytes.
+    fn random() -> Option<Self> {
+        // A full block: HMAC-SHA-256's own key size.
+        let mut key = [0u8; 64];
+        getrandom::getrandom(&mut key).ok()?;
+        let keyed = Hmac::new_from_slice(&key).ok()?;
+        Some(Self { keyed })
+    }
+
+    fn digest(&self, token: &str) -> TokenDigest {
+        let mut mac = self.keyed.clone();
+        mac.update(token.as_bytes());
+        mac.finalize().into_bytes().into()
+    }
+}
+
+/// The scope and audience lists the entries hold, each distinct list once, within a byte
+/// budget of their own.
+struct SharedLists {
+    held: HashSet<List>,
+    bytes: usize,
+    budget: usize,
+    /// Lists that did not fit since the last sweep: sweeping costs one pass over `held`,
+    /// so it waits until that many lists have been turned away.
+    refused: usize,
+}
+
+impl SharedLists {
+    fn new(budget: usize) -> Self {
+        Self {
+            held: HashSet::new(),
+            bytes: 0,
+            budget,
+            refused: 0,
+        }
+    }
+
+    /// The shared list equal to `list`, and `true`; or `list` itself and `false` when it
+    /// does not fit.
+    fn share(&mut self, list: List) -> (List, bool) {
+        if let Some(held) = self.held.get(&*list) {
+            return (Arc::clone(held), true);
+        }
+        // The `HashSet` slot, too.
+        let cost = list_bytes(&list) + size_of::<List>();
+        if self.bytes + cost > self.budget {
+            self.refused += 1;
+            if self.refused > self.held.len() {
+                self.sweep();
+            }
+            if self.bytes + cost > self.budget {
+                return (list, false);
+            }
+        }
+        self.bytes += cost;
+        self.held.insert(Arc::clone(&list));
+        (list, true)
+    }
+
+    /// Drops the lists no entry holds any more. (Only entries clone a list, under the same
+    /// lock, so a count of one cannot rise again.)
+    fn sweep(&mut self) {
+        self.held.retain(|list| Arc::strong_count(list) > 1);
+        self.bytes = self
+            .held
+            .iter()
+            .map(|list| list_bytes(list) + size_of::<List>())
+            .sum();
+        self.refused = 0;
+    }
+}
+
+/// Weighs an entry by its bytes, but never less than `floor` = entries' byte bound / entry
+/// bound, so that one weight capacity enforces both bounds.
 #[derive(Clone)]
 struct EntryWeight {
     floor: u64,
 }
 
-/// Per entry: the table slot (key and value pointers, hash, links) that `quick_cache`
-/// keeps besides the blocks it points to.
-const ENTRY_OVERHEAD: usize = 64;
+/// Per entry: the table slot (the 32-byte digest, the value pointer, hash, links) that
+/// `quick_cache` keeps besides the block it points to.
+const ENTRY_OVERHEAD: usize = 80;
 
-impl Weighter<Box<str>, Arc<VerifiedToken>> for EntryWeight {
-    fn weight(&self, key: &Box<str>, value: &Arc<VerifiedToken>) -> u64 {
-        let bytes = key.len() + 16 + value.footprint + ENTRY_OVERHEAD;
-        (bytes as u64).max(self.floor)
+impl Weighter<TokenDigest, Arc<VerifiedToken>> for EntryWeight {
+    fn weight(&self, _: &TokenDigest, value: &Arc<VerifiedToken>) -> u64 {
+        ((value.footprint + ENTRY_OVERHEAD) as u64).max(self.floor)
     }
 }
 
 type Inner = Cache<
-    Box<str>,
+    TokenDigest,
     Arc<VerifiedToken>,
     EntryWeight,
     DefaultHashBuilder,
-    DefaultLifecycle<Box<str>, Arc<VerifiedToken>>,
+    DefaultLifecycle<TokenDigest, Arc<VerifiedToken>>,
 >;
+
+/// What an enabled cache holds.
+struct Held {
+    entries: Inner,
+    digester: Digester,
+    lists: Mutex<SharedLists>,
+}
 
 /// The cache of verified tokens; see the module docs. [`TokenCache::disabled`] caches
 /// nothing (what plain `decide` uses).
 pub struct TokenCache {
-    inner: Option<Inner>,
+    held: Option<Held>,
     /// Lookups answered from the cache, and lookups that had to verify: lock-free
     /// counters, shared with the metrics registry when [`Self::counting_into`] is used.
     hits: Counter,
@@ -189,19 +417,36 @@ pub struct TokenCache {
 
 impl TokenCache {
     /// A cache of at most `entries` tokens and `bytes` bytes; `entries == 0` disables it.
+    /// So does an operating system that gives no random bytes for the digest key (logged).
     pub fn new(entries: usize, bytes: u64) -> Self {
-        let inner = (entries > 0 && bytes > 0).then(|| {
-            let floor = (bytes / entries as u64).max(1);
-            Cache::with(
-                entries,
-                bytes,
-                EntryWeight { floor },
-                DefaultHashBuilder::default(),
-                DefaultLifecycle::default(),
-            )
-        });
+        let held = (entries > 0 && bytes > 0)
+            .then(|| {
+                let Some(digester) = Digester::random() else {
+                    tracing::warn!(
+                        "the verified-token cache is off: the operating system gave no random bytes for its key"
+                    );
+                    return None;
+                };
+                let lists = bytes / 8;
+                let entry_bytes = bytes - lists;
+                let floor = (entry_bytes / entries as u64).max(1);
+                let entries = Cache::with(
+                    entries,
+                    entry_bytes,
+                    EntryWeight { floor },
+                    DefaultHashBuilder::default(),
+                    DefaultLifecycle::default(),
+                );
+                let budget = usize::try_from(lists).unwrap_or(usize::MAX);
+                Some(Held {
+                    entries,
+                    digester,
+                    lists: Mutex::new(SharedLists::new(budget)),
+                })
+            })
+            .flatten();
         Self {
-            inner,
+            held,
             hits: Counter::default(),
             misses: Counter::default(),
         }
@@ -226,7 +471,7 @@ impl TokenCache {
     }
 
     pub fn is_enabled(&self) -> bool {
-        self.inner.is_some()
+        self.held.is_some()
     }
 
     /// The verified token for `token` if it is cached, not expired, and would still verify
@@ -238,15 +483,17 @@ impl TokenCache {
         keys: &KeySnapshot,
         now: i64,
     ) -> Option<Arc<VerifiedToken>> {
-        let inner = self.inner.as_ref()?;
-        let Some(entry) = inner.get(token) else {
+        let held = self.held.as_ref()?;
+        let digest = held.digester.digest(token);
+        let Some(entry) = held.entries.get(&digest) else {
             self.misses.inc();
             return None;
         };
         let leeway = i64::try_from(config.tokens.leeway.as_secs()).unwrap_or(i64::MAX);
         if entry.expired(now, leeway) || !entry.still_verifies(config, keys) {
             // Only this entry: another request may have put a fresh one in meanwhile.
-            inner.remove_if(token, |current| Arc::ptr_eq(current, &entry));
+            held.entries
+                .remove_if(&digest, |current| Arc::ptr_eq(current, &entry));
             self.misses.inc();
             return None;
         }
@@ -254,27 +501,49 @@ impl TokenCache {
         Some(entry)
     }
 
-    /// Remembers a token whose signature has just been verified. Callers insert nothing
-    /// else: a failed verification is never cached.
-    pub fn insert(&self, token: &str, verified: Arc<VerifiedToken>) {
-        if let Some(inner) = &self.inner {
-            inner.insert(Box::from(token), verified);
+    /// Remembers a token whose signature has just been verified, and hands it back shared.
+    /// Callers insert nothing else: a failed verification is never cached.
+    pub fn insert(&self, token: &str, mut verified: VerifiedToken) -> Arc<VerifiedToken> {
+        let Some(held) = &self.held else {
+            return Arc::new(verified);
+        };
+        let (mut shared_aud, mut shared_scopes) = (false, false);
+        {
+            let mut lists = held.lists.lock().unwrap_or_else(PoisonError::into_inner);
+            if let Some(aud) = verified.aud.take() {
+                let (aud, shared) = lists.share(aud);
+                verified.aud = Some(aud);
+                shared_aud = shared;
+            }
+            if let Some(scopes) = verified.scopes.take() {
+                let (scopes, shared) = lists.share(scopes);
+                verified.scopes = Some(scopes);
+                shared_scopes = shared;
+            }
         }
+        verified.footprint = verified.measure(shared_aud, shared_scopes);
+        let verified = Arc::new(verified);
+        held.entries
+            .insert(held.digester.digest(token), Arc::clone(&verified));
+        verified
     }
 
     /// Tokens held now.
     pub fn len(&self) -> usize {
-        self.inner.as_ref().map_or(0, Inner::len)
+        self.held.as_ref().map_or(0, |held| held.entries.len())
     }
 
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
 
-    /// The weight held now: the estimated bytes, each entry counted at least at
-    /// `cache_bytes / cache_entries`.
+    /// The weight held now: the entries' estimated bytes (each counted at least at the
+    /// floor), and the bytes of the lists they share.
     pub fn weight(&self) -> u64 {
-        self.inner.as_ref().map_or(0, Inner::weight)
+        self.held.as_ref().map_or(0, |held| {
+            let lists = held.lists.lock().unwrap_or_else(PoisonError::into_inner);
+            held.entries.weight() + lists.bytes as u64
+        })
     }
 
     /// Lookups answered from the cache since start.
@@ -301,8 +570,9 @@ impl std::fmt::Debug for TokenCache {
 
 #[cfg(test)]
 mod tests {
-    //! The cache on its own: what an entry weighs, what the two bounds hold, and when a
-    //! held entry is handed out. (`decide`'s tests run it end to end with real signatures.)
+    //! The cache on its own: what an entry weighs, what the two bounds hold, which lists
+    //! are shared, how tokens are told apart, and when a held entry is handed out.
+    //! (`decide`'s tests run it end to end with real signatures.)
 
     use std::path::Path;
 
@@ -313,8 +583,6 @@ mod tests {
 
     const ISS: &str = "https://issuer.test";
     const NOW: i64 = 1_800_000_000;
-    /// The heap block overhead the estimate charges per allocation.
-    const BLOCK: usize = 16;
 
     fn config() -> Config {
         let yaml = format!(
@@ -358,18 +626,28 @@ backends:
         }
     }
 
-    fn verified(claims: Claims, kid: Option<&str>, fingerprint: u64) -> Arc<VerifiedToken> {
-        Arc::new(VerifiedToken::new(
-            claims,
-            ISS.into(),
-            Algorithm::RS256,
-            kid,
-            fingerprint,
-        ))
+    fn scoped(scopes: &[&str]) -> Claims {
+        Claims {
+            scopes: Some(scopes.iter().map(|s| s.to_string()).collect()),
+            ..claims()
+        }
+    }
+
+    fn verified(claims: Claims, kid: Option<&str>, fingerprint: u64) -> VerifiedToken {
+        VerifiedToken::new(claims, ISS.into(), Algorithm::RS256, kid, fingerprint)
     }
 
     fn footprint(claims: Claims, kid: Option<&str>) -> usize {
-        VerifiedToken::new(claims, ISS.into(), Algorithm::RS256, kid, 0).footprint
+        verified(claims, kid, 0).footprint
+    }
+
+    /// A list's bytes as the estimate should count them: the `Arc`'s block with its
+    /// counts and one `Box<str>` per string, and each string's block.
+    fn expected_list(lens: &[usize]) -> usize {
+        2 * size_of::<usize>()
+            + lens.len() * size_of::<Box<str>>()
+            + BLOCK
+            + lens.iter().map(|n| n + BLOCK).sum::<usize>()
     }
 
     #[test]
@@ -382,133 +660,282 @@ backends:
     }
 
     #[test]
-    fn every_string_an_entry_holds_is_counted_with_its_block() {
+    fn the_short_claims_share_one_counted_block() {
         let empty = footprint(Claims::default(), None);
-        let grown = |claims: Claims, kid: Option<&str>| footprint(claims, kid) - empty;
         let text = |n: usize| Some("x".repeat(n));
-        // Distinct lengths, so that a field counted twice or as another's shows.
-        let cases: [(&str, Claims, usize); 5] = [
-            (
-                "iss",
-                Claims {
-                    iss: text(101),
-                    ..Claims::default()
-                },
-                101,
-            ),
-            (
-                "sub",
-                Claims {
-                    sub: text(202),
-                    ..Claims::default()
-                },
-                202,
-            ),
-            (
-                "jti",
-                Claims {
-                    jti: text(303),
-                    ..Claims::default()
-                },
-                303,
-            ),
-            (
-                "gitlab_realm",
-                Claims {
-                    gitlab_realm: text(404),
-                    ..Claims::default()
-                },
-                404,
-            ),
-            (
-                "gitlab_instance_id",
-                Claims {
-                    gitlab_instance_id: text(505),
-                    ..Claims::default()
-                },
-                505,
-            ),
-        ];
-        for (field, claims, len) in cases {
-            assert_eq!(grown(claims, None), len + BLOCK, "{field}");
-        }
-        assert_eq!(grown(Claims::default(), Some("kid-1")), 5 + BLOCK, "kid");
-        let one = Claims {
-            aud: Some(Audience::One("a".repeat(606))),
+        let all = Claims {
+            iss: text(101),
+            sub: text(202),
+            jti: text(303),
+            gitlab_realm: text(404),
+            gitlab_instance_id: text(505),
             ..Claims::default()
         };
-        assert_eq!(grown(one, None), 606 + BLOCK, "aud as a string");
+        // Distinct lengths, so that a field counted twice or left out shows.
+        assert_eq!(
+            footprint(all.clone(), Some("kid-1")) - empty,
+            101 + 202 + 303 + 404 + 505 + 5 + BLOCK
+        );
+        let sub_only = Claims {
+            sub: text(202),
+            ..Claims::default()
+        };
+        assert_eq!(footprint(sub_only, None) - empty, 202 + BLOCK);
+        assert_eq!(footprint(Claims::default(), Some("k")) - empty, 1 + BLOCK);
+
+        // And each reads back as itself.
+        let entry = verified(all, Some("kid-1"), 0);
+        let lens = [
+            entry.iss().map(str::len),
+            entry.sub().map(str::len),
+            entry.jti().map(str::len),
+            entry.gitlab_realm().map(str::len),
+            entry.gitlab_instance_id().map(str::len),
+            entry.kid().map(str::len),
+        ];
+        assert_eq!(
+            lens,
+            [101, 202, 303, 404, 505, 5].map(Some),
+            "{:?}",
+            entry.text
+        );
     }
 
     #[test]
-    fn a_list_is_counted_with_its_elements_and_its_buffer() {
+    fn a_list_is_counted_with_its_elements_and_its_block() {
         let empty = footprint(Claims::default(), None);
-        // A Vec of n strings: its buffer (n String headers, one block) and each string's block.
-        let list = |lens: &[usize]| {
-            lens.iter().map(|n| n + BLOCK).sum::<usize>() + lens.len() * size_of::<String>() + BLOCK
-        };
         for lens in [&[][..], &[7], &[7, 70, 700]] {
             let strings: Vec<String> = lens.iter().map(|&n| "s".repeat(n)).collect();
             let aud = Claims {
                 aud: Some(Audience::Many(strings.clone())),
                 ..Claims::default()
             };
-            assert_eq!(footprint(aud, None) - empty, list(lens), "aud {lens:?}");
+            assert_eq!(
+                footprint(aud, None) - empty,
+                expected_list(lens),
+                "aud {lens:?}"
+            );
             let scopes = Claims {
                 scopes: Some(strings),
                 ..Claims::default()
             };
             assert_eq!(
                 footprint(scopes, None) - empty,
-                list(lens),
+                expected_list(lens),
                 "scopes {lens:?}"
             );
+        }
+        let one = Claims {
+            aud: Some(Audience::One("a".repeat(606))),
+            ..Claims::default()
+        };
+        assert_eq!(footprint(one, None) - empty, expected_list(&[606]), "aud");
+    }
+
+    #[test]
+    fn the_claims_read_back_as_the_token_had_them() {
+        let full = Claims {
+            iss: Some(ISS.into()),
+            sub: Some("sub".into()),
+            aud: Some(Audience::One("backend".into())),
+            exp: Some(NOW + 600),
+            nbf: Some(NOW - 1),
+            iat: Some(NOW - 2),
+            jti: Some(String::new()),
+            scopes: Some(vec!["a".into(), "b".into()]),
+            gitlab_realm: Some("self-managed".into()),
+            gitlab_instance_id: None,
+        };
+        let one_in_array = Claims {
+            aud: Some(Audience::Many(vec!["backend".into()])),
+            scopes: Some(Vec::new()),
+            ..Claims::default()
+        };
+        for claims in [full, one_in_array, Claims::default()] {
+            let json = serde_json::to_value(&claims).unwrap();
+            let back = verified(claims, None, 0).claims();
+            assert_eq!(serde_json::to_value(&back).unwrap(), json);
         }
     }
 
     #[test]
-    fn an_entry_weighs_its_token_its_claims_and_its_slot_but_at_least_the_floor() {
-        // 1 MiB over 1,000 entries: no entry weighs less than 1,048 bytes.
+    fn an_entry_weighs_its_claims_and_its_slot_but_at_least_the_floor() {
+        // 1 MiB, of which an eighth is for shared lists, over 1,000 entries: no entry
+        // weighs less than 917 bytes.
         let cache = TokenCache::new(1_000, 1 << 20);
-        let big = verified(
-            Claims {
-                sub: Some("s".repeat(3_000)),
-                ..claims()
-            },
-            Some("k1"),
-            1,
+        let big = cache.insert(
+            "a.b.c",
+            verified(
+                Claims {
+                    sub: Some("s".repeat(3_000)),
+                    ..claims()
+                },
+                Some("k1"),
+                1,
+            ),
         );
-        let token = "t".repeat(2_000);
-        cache.insert(&token, Arc::clone(&big));
-        assert_eq!(
-            cache.weight(),
-            (2_000 + BLOCK + big.footprint + ENTRY_OVERHEAD) as u64
-        );
+        assert_eq!(cache.weight(), (big.footprint + ENTRY_OVERHEAD) as u64);
 
         let floor = TokenCache::new(1_000, 1 << 20);
-        let small = verified(claims(), Some("k1"), 1);
-        assert!(10 + BLOCK + small.footprint + ENTRY_OVERHEAD < 1_048);
-        floor.insert("small.token", small);
-        assert_eq!(floor.weight(), 1_048);
+        let small = floor.insert("small.token", verified(claims(), Some("k1"), 1));
+        assert!(small.footprint + ENTRY_OVERHEAD < 917);
+        floor.insert("small.token", verified(claims(), Some("k1"), 1));
+        assert_eq!(floor.weight(), 917);
     }
 
     #[test]
-    fn cache_bytes_bounds_the_tokens_held() {
+    fn cache_bytes_bounds_the_entries_and_their_lists() {
         let bytes = 64 * 1024;
-        let token_len = 4 * 1024;
+        let claim_len = 4 * 1024;
         let cache = TokenCache::new(10_000, bytes);
         for i in 0..200 {
-            let token = format!("{i:04}{}", "t".repeat(token_len - 4));
-            cache.insert(&token, verified(claims(), Some("k1"), 1));
+            // Each with its own scope list too, so that the shared lists fill their part.
+            let claims = Claims {
+                sub: Some("s".repeat(claim_len)),
+                ..scoped(&[&format!("scope-{i}"), &"x".repeat(300)])
+            };
+            cache.insert(&format!("token-{i}"), verified(claims, Some("k1"), 1));
             assert!(cache.weight() <= bytes, "{} bytes held", cache.weight());
-            // The tokens alone already fill the bound: the weight counts every byte of them.
+            // The claims alone already fill the bound: the weight counts every byte of them.
             assert!(
-                cache.len() * token_len <= bytes as usize,
-                "{} tokens of {token_len} bytes held in {bytes} bytes",
+                cache.len() * claim_len <= bytes as usize,
+                "{} entries of {claim_len} bytes held in {bytes} bytes",
                 cache.len()
             );
         }
         assert!(!cache.is_empty());
+    }
+
+    #[test]
+    fn entries_with_the_same_list_share_it_and_count_it_once() {
+        let cache = TokenCache::new(1_000, 1 << 20);
+        let up = ["code_suggestions", "duo_chat", "complete_code"];
+        let held: Vec<Arc<VerifiedToken>> = (0..100)
+            .map(|i| {
+                let claims = Claims {
+                    aud: Some(Audience::One("backend".into())),
+                    ..scoped(&up)
+                };
+                cache.insert(&format!("token-{i}"), verified(claims, Some("k1"), 1))
+            })
+            .collect();
+        let first = &held[0];
+        for entry in &held {
+            assert!(Arc::ptr_eq(
+                entry.scopes.as_ref().unwrap(),
+                first.scopes.as_ref().unwrap()
+            ));
+            assert!(Arc::ptr_eq(
+                entry.aud.as_ref().unwrap(),
+                first.aud.as_ref().unwrap()
+            ));
+            assert_eq!(entry.footprint, first.footprint);
+        }
+        // Neither list is in an entry's footprint: they are counted once, apart.
+        assert_eq!(first.footprint, footprint(claims(), Some("k1")));
+        let lists = expected_list(&up.map(str::len)) + expected_list(&[7]) + 2 * size_of::<List>();
+        let lock = cache.held.as_ref().unwrap().lists.lock().unwrap();
+        assert_eq!((lock.held.len(), lock.bytes), (2, lists));
+        drop(lock);
+        // Another list is another shared list.
+        let other = cache.insert("token-x", verified(scoped(&["duo_chat"]), None, 1));
+        assert!(!Arc::ptr_eq(
+            other.scopes.as_ref().unwrap(),
+            first.scopes.as_ref().unwrap()
+        ));
+        assert_eq!(other.scopes().unwrap(), &[Box::from("duo_chat")][..]);
+    }
+
+    #[test]
+    fn a_list_that_does_not_fit_the_shared_part_is_its_entrys() {
+        // 64 KiB: 8 KiB for shared lists, which one list of 9,000 bytes does not fit in.
+        let cache = TokenCache::new(16, 64 * 1024);
+        let big = ["u".repeat(9_000)];
+        let big: Vec<&str> = big.iter().map(String::as_str).collect();
+        let a = cache.insert("a", verified(scoped(&big), None, 1));
+        let b = cache.insert("b", verified(scoped(&big), None, 1));
+        assert!(!Arc::ptr_eq(
+            a.scopes.as_ref().unwrap(),
+            b.scopes.as_ref().unwrap()
+        ));
+        assert_eq!(a.footprint, footprint(scoped(&big), None));
+        assert_eq!(
+            cache.weight(),
+            2 * (a.footprint + ENTRY_OVERHEAD) as u64,
+            "counted with each entry"
+        );
+    }
+
+    #[test]
+    fn lists_no_entry_holds_are_swept_to_make_room() {
+        let mut lists = SharedLists::new(3 * (expected_list(&[100]) + size_of::<List>()));
+        let list = |c: &str| -> List { Arc::from(vec![Box::from(c.repeat(100))]) };
+        let (a, shared) = lists.share(list("a"));
+        assert!(shared);
+        let kept: Vec<List> = ["b", "c"].map(|c| lists.share(list(c)).0).into();
+        drop(a);
+        // Full: "d" is turned away until as many lists as are held have been, then the
+        // sweep drops "a", which nothing else holds, and "d" fits.
+        let mut tries = 0;
+        let d = loop {
+            tries += 1;
+            let (d, shared) = lists.share(list("d"));
+            if shared {
+                break d;
+            }
+            assert!(tries <= 4, "never swept");
+        };
+        assert_eq!(tries, 4);
+        assert_eq!(lists.held.len(), 3);
+        assert!(lists.held.contains(&*d) && kept.iter().all(|k| lists.held.contains(&**k)));
+        assert!(!lists.held.contains(&*list("a")));
+    }
+
+    #[test]
+    fn the_digest_key_is_drawn_for_each_cache() {
+        let one = TokenCache::new(16, 1 << 20);
+        let other = TokenCache::new(16, 1 << 20);
+        let digest =
+            |cache: &TokenCache, token: &str| cache.held.as_ref().unwrap().digester.digest(token);
+        assert_eq!(digest(&one, "a.b.c"), digest(&one, "a.b.c"));
+        assert_ne!(digest(&one, "a.b.c"), digest(&other, "a.b.c"));
+        assert_ne!(digest(&one, "a.b.c"), digest(&one, "a.b.d"));
+        // Not the unkeyed SHA-256 of the token either.
+        use sha2::Digest as _;
+        let plain: TokenDigest = Sha256::digest(b"a.b.c").into();
+        assert_ne!(digest(&one, "a.b.c"), plain);
+        // A token cached in one is not in the other.
+        one.insert("a.b.c", verified(claims(), Some("k1"), 1));
+        let (config, published) = (config(), keys(&[(Some("k1"), 1)]));
+        assert!(one.get("a.b.c", &config, &published, NOW).is_some());
+        assert!(other.get("a.b.c", &config, &published, NOW).is_none());
+    }
+
+    #[test]
+    fn a_token_that_differs_in_any_one_byte_is_not_a_hit() {
+        let cache = TokenCache::new(16, 1 << 20);
+        let (config, published) = (config(), keys(&[(Some("k1"), 1)]));
+        let token: String = (0..1_100)
+            .map(|i| char::from(b"abcdefghijklmnopqrstuvwxyz0123456789-_."[i % 39]))
+            .collect();
+        cache.insert(&token, verified(claims(), Some("k1"), 1));
+        assert!(cache.get(&token, &config, &published, NOW).is_some());
+        let mut bytes = token.clone().into_bytes();
+        for i in 0..bytes.len() {
+            let was = bytes[i];
+            bytes[i] = if was == b'A' { b'B' } else { b'A' };
+            let changed = std::str::from_utf8(&bytes).unwrap();
+            assert!(
+                cache.get(changed, &config, &published, NOW).is_none(),
+                "byte {i}"
+            );
+            bytes[i] = was;
+        }
+        // Nor is a token one byte longer or shorter.
+        for other in [&token[..token.len() - 1], &format!("{token}a"), &token[1..]] {
+            assert!(cache.get(other, &config, &published, NOW).is_none());
+        }
+        assert_eq!((cache.hits(), cache.len()), (1, 1));
     }
 
     #[test]
@@ -522,7 +949,8 @@ backends:
 
         for off in [TokenCache::new(0, 1 << 20), TokenCache::new(16, 0)] {
             assert!(!off.is_enabled(), "{off:?}");
-            off.insert("a.b.c", verified(claims(), Some("k1"), 1));
+            let handed = off.insert("a.b.c", verified(claims(), Some("k1"), 1));
+            assert_eq!(handed.kid(), Some("k1"));
             assert!(off.is_empty(), "{off:?}");
             assert_eq!(off.weight(), 0);
             assert!(
@@ -555,7 +983,7 @@ backends:
     fn an_entry_is_used_only_while_its_issuer_and_algorithm_still_are() {
         let config = config();
         let published = keys(&[(Some("k1"), 1)]);
-        let held = |entry: Arc<VerifiedToken>, config: &Config| {
+        let held = |entry: VerifiedToken, config: &Config| {
             let cache = TokenCache::new(16, 1 << 20);
             cache.insert("a.b.c", entry);
             let hit = cache.get("a.b.c", config, &published, NOW).is_some();
@@ -582,7 +1010,7 @@ backends:
             Some("k1"),
             1,
         );
-        assert!(!held(Arc::new(other_issuer), &config));
+        assert!(!held(other_issuer, &config));
 
         let no_keys = TokenCache::new(16, 1 << 20);
         no_keys.insert("a.b.c", verified(claims(), Some("k1"), 1));

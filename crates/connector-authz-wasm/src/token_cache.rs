@@ -79,7 +79,9 @@ impl VerifiedCache {
     /// pays for many inserts, so a stream of new tokens into a full cache (many instances,
     /// or a restart of the fleet) costs a few entries' work per token, not the cache's size.
     pub fn insert(&mut self, key: TokenDigest, token: Arc<VerifiedToken>, now: i64, leeway: i64) {
-        let Some(exp) = token.claims.exp else { return };
+        let Some(exp) = token.validity().exp else {
+            return;
+        };
         let expires_at = exp.saturating_add(leeway);
         if now >= expires_at || self.capacity == 0 {
             return;

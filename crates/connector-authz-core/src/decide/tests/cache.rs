@@ -203,6 +203,35 @@ fn a_tampered_token_sharing_a_prefix_never_hits() {
 }
 
 #[test]
+fn a_token_that_differs_from_a_cached_one_in_any_one_byte_is_decided_afresh() {
+    let snap = snapshot();
+    let cache = mk_cache();
+    let good = key(1).sign(&claims());
+    assert!(decide_in(&snap, &cache, at(NOW), CODE, Some(&good), &[]).is_allow());
+    let mut bytes = good.clone().into_bytes();
+    for i in 0..bytes.len() {
+        let was = bytes[i];
+        // Another base64url character, or a dot moved.
+        bytes[i] = match was {
+            b'A' => b'B',
+            b'.' => b'x',
+            _ => b'A',
+        };
+        let changed = String::from_utf8(bytes.clone()).unwrap();
+        let d = decide_in(&snap, &cache, at(NOW), CODE, Some(&changed), &[]);
+        assert_eq!(d, uncached(&snap, &changed), "byte {i}");
+        bytes[i] = was;
+    }
+    assert_eq!(
+        cache.hits(),
+        0,
+        "no changed token was taken for the cached one"
+    );
+    assert!(decide_in(&snap, &cache, at(NOW), CODE, Some(&good), &[]).is_allow());
+    assert_eq!(cache.hits(), 1);
+}
+
+#[test]
 fn failed_verifications_are_never_cached() {
     let snap = snapshot();
     let cache = mk_cache();
@@ -246,7 +275,8 @@ fn the_cache_is_bounded_in_entries_and_in_bytes() {
     }
     assert!(by_entries.len() >= 2, "{} entries", by_entries.len());
 
-    let bytes = 64 * 1024;
+    // An entry is a few hundred bytes (the token is not held): 8 KiB holds a few dozen.
+    let bytes = 8 * 1024;
     let by_bytes = TokenCache::new(1_000, bytes);
     for t in &tokens {
         assert!(decide_in(&snap, &by_bytes, at(NOW), CODE, Some(t), &[]).is_allow());
