@@ -20,7 +20,7 @@ use proxy_wasm::hostcalls;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{Action, ContextType, LogLevel, MapType};
 
-use crate::pipeline::{Step, sidecar_unavailable, step};
+use crate::pipeline::{Step, request_headers, sidecar_unavailable, step};
 use crate::plugin_config::PluginConfig;
 use crate::token_cache::{TokenDigest, VerifiedCache};
 
@@ -240,7 +240,10 @@ fn decide_and_apply(
     shared: &Rc<RefCell<Shared>>,
     verified: Option<(TokenDigest, Result<Arc<VerifiedToken>, Denied>)>,
 ) -> StepTaken {
-    let request = hostcalls::get_map(MapType::HttpRequestHeaders).unwrap_or_default();
+    // Values as bytes: `get_map` unwraps UTF-8, and Envoy passes obs-text bytes (0x80-0xff)
+    // in a value through, so one such header would panic the VM and stop every later request.
+    let request =
+        request_headers(hostcalls::get_map_bytes(MapType::HttpRequestHeaders).unwrap_or_default());
     let now = hostcalls::get_current_time().unwrap_or(SystemTime::UNIX_EPOCH);
     let (next, config) = {
         let mut guard = shared.borrow_mut();

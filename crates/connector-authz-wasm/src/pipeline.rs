@@ -48,6 +48,22 @@ pub fn sidecar_unavailable() -> Denied {
     )
 }
 
+/// The request's headers as the core reads them. A value that is not UTF-8 (Envoy lets
+/// bytes 0x80-0xff through) is read with U+FFFD in place of the bad bytes, as the sidecar
+/// reads Envoy's `raw_value`, so it is judged (no token, a malformed one, a header
+/// mismatch) rather than refused apart.
+pub fn request_headers(raw: Vec<(String, Vec<u8>)>) -> Vec<(String, String)> {
+    raw.into_iter()
+        .map(|(name, value)| {
+            let value = match String::from_utf8(value) {
+                Ok(text) => text,
+                Err(e) => String::from_utf8_lossy(e.as_bytes()).into_owned(),
+            };
+            (name, value)
+        })
+        .collect()
+}
+
 /// Decides one request. `feed` is `None` before the first snapshot. `verified` is the
 /// sidecar's answer for this request's token, when it waited for one; a success goes
 /// into `cache`.

@@ -13,7 +13,7 @@ use connector_authz_core::feed::{CompiledFeed, FeedSnapshot};
 use connector_authz_core::keys::{KeySnapshot, KeySource};
 use serde_json::json;
 
-use crate::pipeline::{Step, step};
+use crate::pipeline::{Step, request_headers, step};
 use crate::token_cache::{VerifiedCache, digest};
 
 const ISS: &str = "https://customers.gitlab.com";
@@ -277,4 +277,38 @@ fn a_token_whose_key_left_the_snapshot_is_verified_again() {
     rotated.keys = BTreeMap::from([(ISS.to_string(), vec![1])]);
     let again = step(Some(&rotated), &mut cache, &request, now(), None);
     assert!(matches!(again, Step::Verify { .. }), "{again:?}");
+}
+
+/// Envoy hands the filter header values with bytes 0x80-0xff as they came: they are read
+/// lossily and judged, as the sidecar judges them, not a panic of the VM.
+#[test]
+fn header_values_that_are_not_utf8_are_judged_like_any_other() {
+    let key = DevKey::generate("k1").unwrap();
+    let sidecar = sidecar(&key);
+    let feed = feed_of(&sidecar);
+    let good = token(&key, "gitlab-ai-gateway", &["complete_code"]);
+    let as_bytes = |headers: Vec<(String, String)>| -> Vec<(String, Vec<u8>)> {
+        headers
+            .into_iter()
+            .map(|(name, value)| (name, value.into_bytes()))
+            .collect()
+    };
+    let mut bad_token = as_bytes(headers("/ai/v2/code/x", Some(&good)));
+    bad_token.last_mut().unwrap().1.push(0xff);
+    let mut bad_instance = as_bytes(headers("/ai/v2/code/x", Some(&good)));
+    bad_instance[3].1.extend_from_slice(b"\xc3");
+    let mut bad_other = as_bytes(headers("/ai/v2/code/x", Some(&good)));
+    bad_other.push(("x-other".into(), b"\xff\xfe".to_vec()));
+    for (raw, want) in [
+        (bad_token, (401, "malformed_token".to_string())),
+        (bad_instance, (401, "header_mismatch".to_string())),
+        (bad_other, (200, "allow".to_string())),
+    ] {
+        let read = request_headers(raw);
+        assert!(read.iter().any(|(_, v)| v.contains('\u{fffd}')), "{read:?}");
+        let mut cache = VerifiedCache::new(8);
+        let (step, _) = run(&sidecar, &feed, &mut cache, &read);
+        assert_eq!(outcome(&step), want);
+        assert_eq!(expected(&sidecar, &read), want);
+    }
 }
