@@ -63,9 +63,9 @@ impl Workers {
 
     /// `auto` with `cpus` CPUs to share: one thread up to 2 CPUs, else [`Self::AUTO_MAX`].
     /// Measured beside Envoy on 2 CPUs (BENCHMARKS.md, benches/load.sh A against A2): the
-    /// current-thread runtime spent 20-40 % less CPU per Check for the same throughput
-    /// within the noise, since a Check never wakes a second thread and the two CPUs stay
-    /// with Envoy and the client.
+    /// current-thread runtime spent 30-45 % less CPU per Check (two threads: 1.42-1.74 x),
+    /// since a Check never wakes a second thread, for 10-19 % less throughput on a quiet
+    /// machine and the same within the noise on a loaded one.
     pub fn auto_for(cpus: usize) -> usize {
         if cpus <= 2 { 1 } else { Self::AUTO_MAX }
     }
