@@ -2,7 +2,7 @@
 # The load benchmark of BENCHMARKS.md. Everything runs on 127.0.0.1 and every run is
 # bounded in time; it stops by itself and stops only the processes it started.
 #
-#   benches/load.sh                 # about 6 minutes after the release build
+#   benches/load.sh                 # about 9 minutes after the release build (all runs, 3 rounds x 10 s)
 #   ROUNDS=5 SECONDS_PER_RUN=20 benches/load.sh
 #   PROFILE=1 benches/load.sh       # also a perf profile of connector-authz under h2load
 #   RUNS="W WN" DIRECT=0 benches/load.sh   # only these runs through Envoy; no h2load, no RSS
