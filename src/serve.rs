@@ -22,6 +22,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
+use axum::serve::ListenerExt as _;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
@@ -261,6 +262,15 @@ pub async fn start_traced(
             };
             let result = match admin_incoming {
                 Incoming::Plain(listener) => {
+                    // No delay, as on the gRPC listener (and on TLS connections): an HTTP/2
+                    // answer is a HEADERS and a DATA frame written apart, and without it
+                    // the second can wait for the peer's delayed ACK (tens of ms), which
+                    // the filter's /v1/verify calls showed as p99 spikes of 20-30 ms.
+                    let listener = listener.tap_io(|tcp| {
+                        if let Err(e) = tcp.set_nodelay(true) {
+                            tracing::debug!(error = %e, "cannot set TCP_NODELAY on an admin connection");
+                        }
+                    });
                     axum::serve(listener, app)
                         .with_graceful_shutdown(stopped)
                         .await
