@@ -36,14 +36,19 @@ impl Stream for CoalescingIncoming {
     fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
         Pin::new(&mut self.get_mut().0)
             .poll_next(cx)
-            .map(|next| next.map(|accepted| accepted.map(UnvectoredTcp)))
+            .map(|next| next.map(|accepted| accepted.map(Unvectored)))
     }
 }
 
-/// A TCP stream that tells its writer it has no vectored writes.
-pub struct UnvectoredTcp(TcpStream);
+/// A stream that tells its writer it has no vectored writes: a plain TCP connection
+/// ([`UnvectoredTcp`]) or a TLS one (`crate::tls::TlsConnection`), for which it also means
+/// one TLS record for a small response rather than one per piece.
+pub struct Unvectored<S>(pub(crate) S);
 
-impl AsyncRead for UnvectoredTcp {
+/// A TCP connection of the gRPC listener.
+pub type UnvectoredTcp = Unvectored<TcpStream>;
+
+impl<S: AsyncRead + Unpin> AsyncRead for Unvectored<S> {
     fn poll_read(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -53,7 +58,7 @@ impl AsyncRead for UnvectoredTcp {
     }
 }
 
-impl AsyncWrite for UnvectoredTcp {
+impl<S: AsyncWrite + Unpin> AsyncWrite for Unvectored<S> {
     fn poll_write(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -103,7 +108,7 @@ mod tests {
             reply
         });
         let (socket, _) = listener.accept().await.expect("accept");
-        let mut server = UnvectoredTcp(socket);
+        let mut server = Unvectored(socket);
         assert!(!server.is_write_vectored());
         assert_eq!(
             server.connect_info().remote_addr.map(|a| a.ip()),

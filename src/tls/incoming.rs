@@ -16,13 +16,13 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use futures_core::Stream;
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
 use tokio_rustls::server::TlsStream;
 use tonic::transport::server::{Connected, TcpConnectInfo};
 
 use super::ServerTls;
+use crate::transport::Unvectored;
 
 /// How long a client may take to complete its handshake.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -75,7 +75,7 @@ async fn accept_loop(
             {
                 Ok(Ok(stream)) => {
                     // The server stopped meanwhile: the connection just closes.
-                    let _ = ready.send((TlsConnection(stream), peer)).await;
+                    let _ = ready.send((Unvectored(stream), peer)).await;
                     return;
                 }
                 Ok(Err(e)) => e.to_string(),
@@ -124,39 +124,7 @@ impl axum::serve::Listener for TlsIncoming {
 /// A TLS connection whose handshake is done. Like the plain listener's connections
 /// ([`crate::transport`]), it tells h2 it has no vectored writes, so that a small
 /// response is written as one TLS record rather than one per piece.
-pub struct TlsConnection(TlsStream<TcpStream>);
-
-impl AsyncRead for TlsConnection {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().0).poll_read(cx, buf)
-    }
-}
-
-impl AsyncWrite for TlsConnection {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().0).poll_write(cx, buf)
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().0).poll_flush(cx)
-    }
-
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().0).poll_shutdown(cx)
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        false
-    }
-}
+pub type TlsConnection = Unvectored<TlsStream<TcpStream>>;
 
 impl Connected for TlsConnection {
     type ConnectInfo = TcpConnectInfo;
